@@ -1,0 +1,45 @@
+"""Pictures of what people look at: the per-region discrepancy over training as a heat map."""
+
+import numpy as np
+
+
+def _figure_to_array(figure):
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    return image
+
+
+def region_heatmap(region_history, path=None, max_columns=200):
+    """Regions x steps heat map of the tracked discrepancy, with the final allocation beside it.
+
+    `region_history` is [(step, estimates, probabilities)]. Saves a PNG when `path` is given and
+    returns the RGB image (H, W, 3) uint8 for TensorBoard.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stride = max(1, len(region_history) // max_columns)
+    history = region_history[::stride]
+    steps = [entry[0] for entry in history]
+    estimates = np.asarray([entry[1] for entry in history]).T  # regions x steps
+    final_probabilities = np.asarray(region_history[-1][2])
+    num_regions = estimates.shape[0]
+
+    figure, (heat_axis, bar_axis) = plt.subplots(
+        1, 2, figsize=(9, 1.5 + 0.25 * num_regions), gridspec_kw={"width_ratios": [4, 1]}, sharey=True)
+    mesh = heat_axis.imshow(estimates, aspect="auto", interpolation="nearest", cmap="magma", origin="lower",
+                            extent=(steps[0], steps[-1], -0.5, num_regions - 0.5))
+    heat_axis.set_xlabel("step")
+    heat_axis.set_ylabel("region")
+    heat_axis.set_title("tracked teacher-student discrepancy")
+    figure.colorbar(mesh, ax=heat_axis, fraction=0.04)
+    bar_axis.barh(np.arange(num_regions), final_probabilities, color="tab:blue")
+    bar_axis.set_title("sampling prob.")
+    figure.tight_layout()
+    image = _figure_to_array(figure)
+    if path is not None:
+        figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return image

@@ -1,0 +1,146 @@
+"""BK-SDM students: block-removed UNets derived from the teacher's config, initialised from its weights.
+
+- bk_base:  one resnet(+attention) fewer in every stage (down stages keep 1 of 2, up stages 2 of 3).
+- bk_small: bk_base without the mid block.
+- bk_tiny:  bk_small without the innermost stage (the plain DownBlock2D and its UpBlock2D partner).
+
+Works for any SD-1.x/2.x-style config: only the block layout changes, every other field (attention
+heads, linear projection, cross-attention width, sample size) is kept from the teacher.
+"""
+
+import re
+
+STUDENT_VARIANTS = ("bk_base", "bk_small", "bk_tiny")
+
+# Config fields holding one value per down stage (outermost first).
+_PER_STAGE_FIELDS = (
+    "block_out_channels", "attention_head_dim", "num_attention_heads", "transformer_layers_per_block",
+    "cross_attention_dim", "layers_per_block", "only_cross_attention",
+)
+# Config fields holding one value per up stage (innermost first).
+_PER_UP_STAGE_FIELDS = ("reverse_transformer_layers_per_block",)
+
+
+def _without_innermost_stage(value, num_stages, innermost_first=False):
+    if isinstance(value, (list, tuple)) and len(value) == num_stages:
+        return list(value[1:]) if innermost_first else list(value[:-1])
+    return value
+
+
+def student_config_from_teacher(teacher_config, variant):
+    """The BK-SDM student UNet config for `variant`, derived from a teacher UNet config dict."""
+    if variant not in STUDENT_VARIANTS:
+        raise ValueError(f"--student_config {variant!r} is unknown; choose one of {', '.join(STUDENT_VARIANTS)}.")
+    config = {key: value for key, value in dict(teacher_config).items() if not key.startswith("_")}
+    num_stages = len(config["down_block_types"])
+    layers = config.get("layers_per_block", 2)
+    config["layers_per_block"] = [1] * num_stages if isinstance(layers, (list, tuple)) else 1
+    if variant in ("bk_small", "bk_tiny"):
+        config["mid_block_type"] = None
+    if variant == "bk_tiny":
+        if config["down_block_types"][-1] != "DownBlock2D" or config["up_block_types"][0] != "UpBlock2D":
+            raise ValueError(
+                "--student_config bk_tiny removes the innermost plain stage (DownBlock2D / UpBlock2D) of an SD-1.x/2.x "
+                f"UNet, but this teacher has down={config['down_block_types']} up={config['up_block_types']}; "
+                "use bk_base or bk_small."
+            )
+        config["down_block_types"] = list(config["down_block_types"][:-1])
+        config["up_block_types"] = list(config["up_block_types"][1:])
+        for key in _PER_STAGE_FIELDS:
+            if key in config:
+                config[key] = _without_innermost_stage(config[key], num_stages)
+        for key in _PER_UP_STAGE_FIELDS:
+            if key in config:
+                config[key] = _without_innermost_stage(config[key], num_stages, innermost_first=True)
+    return config
+
+
+_BLOCK_LAYER = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)$")
+_UP_BLOCK = re.compile(r"^up_blocks\.(\d+)\.(.*)$")
+
+
+def student_to_teacher_key_map(student, teacher):
+    """Map every student state-dict key to the teacher key it is initialised from (BK-SDM's rule).
+
+    Down stages copy the teacher's first layers; up stages keep the teacher's outer layers (student
+    layer j <- teacher layer j, except the student's last <- the teacher's last); when the student
+    has fewer up stages (bk_tiny), its up stage i is the teacher's up stage i + the difference.
+    """
+    up_offset = len(teacher.up_blocks) - len(student.up_blocks)
+    mapping = {}
+    for key in student.state_dict():
+        match = _BLOCK_LAYER.match(key)
+        if match:
+            kind, stage, layer_kind, layer, rest = match.groups()
+            stage, layer = int(stage), int(layer)
+            if kind == "up_blocks":
+                teacher_stage = stage + up_offset
+                num_student = len(getattr(student.up_blocks[stage], layer_kind))
+                num_teacher = len(getattr(teacher.up_blocks[teacher_stage], layer_kind))
+                teacher_layer = layer if layer < num_student - 1 else num_teacher - 1
+            else:
+                teacher_stage, teacher_layer = stage, layer
+            mapping[key] = f"{kind}.{teacher_stage}.{layer_kind}.{teacher_layer}.{rest}"
+            continue
+        match = _UP_BLOCK.match(key)
+        if match:
+            mapping[key] = f"up_blocks.{int(match.group(1)) + up_offset}.{match.group(2)}"
+            continue
+        mapping[key] = key
+    return mapping
+
+
+def init_student_from_teacher(student, teacher):
+    """Copy teacher weights into the student by `student_to_teacher_key_map`. Fails loudly on any gap."""
+    import torch
+
+    teacher_state = teacher.state_dict()
+    student_state = student.state_dict()
+    new_state = {}
+    for student_key, teacher_key in student_to_teacher_key_map(student, teacher).items():
+        if teacher_key not in teacher_state:
+            raise KeyError(f"Student weight {student_key} maps to {teacher_key}, which the teacher does not have.")
+        source = teacher_state[teacher_key]
+        if source.shape != student_state[student_key].shape:
+            raise ValueError(
+                f"Shape mismatch initialising {student_key} {tuple(student_state[student_key].shape)} "
+                f"from {teacher_key} {tuple(source.shape)}."
+            )
+        new_state[student_key] = source.detach().to(dtype=student_state[student_key].dtype)
+    with torch.no_grad():
+        student.load_state_dict(new_state, strict=True)
+    return student
+
+
+def build_student(teacher_unet, variant):
+    """A BK-SDM student UNet (fp32) initialised from `teacher_unet`."""
+    from diffusers import UNet2DConditionModel
+
+    student = UNet2DConditionModel.from_config(student_config_from_teacher(teacher_unet.config, variant))
+    return init_student_from_teacher(student, teacher_unet)
+
+
+def feature_layer_pairs(student, teacher):
+    """(student module name, teacher module name) pairs whose outputs feature KD compares.
+
+    Outputs of every down and up stage. A student stage that lost its downsampler (bk_tiny's last
+    down stage) is compared with the teacher's last layer before the downsampler, where the
+    resolutions agree.
+    """
+    pairs = []
+    for index, block in enumerate(student.down_blocks):
+        teacher_block = teacher.down_blocks[index]
+        teacher_name = f"down_blocks.{index}"
+        if block.downsamplers is None and teacher_block.downsamplers is not None:
+            layers = teacher_block.attentions if getattr(teacher_block, "attentions", None) else teacher_block.resnets
+            kind = "attentions" if getattr(teacher_block, "attentions", None) else "resnets"
+            teacher_name = f"down_blocks.{index}.{kind}.{len(layers) - 1}"
+        pairs.append((f"down_blocks.{index}", teacher_name))
+    up_offset = len(teacher.up_blocks) - len(student.up_blocks)
+    for index in range(len(student.up_blocks)):
+        pairs.append((f"up_blocks.{index}", f"up_blocks.{index + up_offset}"))
+    return pairs
+
+
+def count_parameters(module):
+    return sum(parameter.numel() for parameter in module.parameters())

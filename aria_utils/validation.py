@@ -1,0 +1,77 @@
+"""Validation images: teacher row over student row, same prompts, seeds and scheduler.
+
+The teacher's images never change during training, so they are generated once and reused.
+"""
+
+import os
+
+import numpy as np
+import torch
+
+
+def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def generate_images(pipeline, prompts, seed, num_inference_steps, guidance_scale, resolution, device):
+    images = []
+    for index, prompt in enumerate(prompts):
+        generator = torch.Generator(device=device).manual_seed(seed + index)
+        output = pipeline(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                          height=resolution, width=resolution, generator=generator, output_type="np")
+        images.append(output.images[0])
+    return np.stack(images)
+
+
+def image_grid(rows):
+    """Stack rows of (N, H, W, 3) float images in [0, 1] into one uint8 (rows*H, N*W, 3) array."""
+    return (np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0) * 255).round().astype(np.uint8)
+
+
+class Validator:
+    """Generates and logs teacher-vs-student images every --validation_steps."""
+
+    def __init__(self, prompts, teacher_unet, vae, text_encoder, tokenizer, scheduler, resolution, seed,
+                 num_inference_steps, guidance_scale, output_dir, device):
+        from diffusers import DDIMScheduler
+
+        self.prompts = list(prompts)
+        # DDIM with few steps: the training scheduler (DDPM) needs ~1000 steps to give images.
+        self.scheduler = DDIMScheduler.from_config(scheduler.config)
+        self.components = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.teacher_unet = teacher_unet
+        self.resolution = resolution
+        self.seed = seed
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.output_dir = os.path.join(output_dir, "validation")
+        self.device = device
+        self._teacher_images = None
+
+    def _generate(self, unet):
+        pipeline = make_pipeline(unet, scheduler=self.scheduler, **self.components)
+        return generate_images(pipeline, self.prompts, self.seed, self.num_inference_steps, self.guidance_scale,
+                               self.resolution, self.device)
+
+    def run(self, student_unet, step, trackers=()):
+        """Generate, save `validation/step-<step>.png`, log to TensorBoard; return the grid array."""
+        from PIL import Image
+
+        if self._teacher_images is None:
+            self._teacher_images = self._generate(self.teacher_unet)
+        student_images = self._generate(student_unet)
+        grid = image_grid([self._teacher_images, student_images])
+        os.makedirs(self.output_dir, exist_ok=True)
+        Image.fromarray(grid).save(os.path.join(self.output_dir, f"step-{step}.png"))
+        for tracker in trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation/teacher_over_student", grid, step, dataformats="HWC")
+        return grid

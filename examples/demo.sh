@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole pipeline on the embedded default, offline, on CPU:
+# tiny teacher -> demo corpus -> teacher latents (RC's paired set) -> ARIA distillation -> student pipeline.
+# Usage: bash examples/demo.sh [OUT_DIR] [extra train_aria_distill.py flags...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+PY=.venv/bin/python
+OUT="${1:-demo_output}"
+shift || true
+mkdir -p "$OUT"
+
+[ -d "$OUT/tiny-teacher" ] || $PY -m aria_utils.tiny_teacher --output_dir "$OUT/tiny-teacher" --seed 0
+[ -f "$OUT/data/prompts.csv" ] || $PY -m aria_utils.demo_corpus --output_dir "$OUT/data"
+[ -d "$OUT/teacher-data" ] || $PY -m aria_utils.generate_teacher_data \
+  --pretrained_model_name_or_path "$OUT/tiny-teacher" --prompt_file "$OUT/data/prompts.csv" \
+  --category_column category --num_prompts 256 --num_inference_steps 10 --batch_size 32 \
+  --output_dir "$OUT/teacher-data"
+
+.venv/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
+  --dynamo_backend no --num_cpu_threads_per_process 2 train_aria_distill.py \
+  --pretrained_model_name_or_path "$OUT/tiny-teacher" \
+  --student_config bk_small \
+  --train_data_dir "$OUT/teacher-data" \
+  --prompt_file "$OUT/data/prompts.csv" \
+  --condition_sampling aria --num_regions 8 --aria_warmup_steps 20 \
+  --train_batch_size 16 --max_train_steps 200 --learning_rate 1e-4 \
+  --checkpointing_steps 100 --checkpoints_total_limit 2 \
+  --validation_prompts "a photo of a cat in a meadow" "a violin on a stage" \
+  --validation_steps 100 --validation_inference_steps 10 \
+  --output_dir "$OUT/student" "$@"
+
+$PY - "$OUT/student" <<'PYEOF'
+import sys
+import torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])
+image = pipe("a violin on a stage", num_inference_steps=4, generator=torch.manual_seed(0)).images[0]
+image.save(f"{sys.argv[1]}/demo_sample.png")
+print(f"Student pipeline at {sys.argv[1]} loads and generates: {sys.argv[1]}/demo_sample.png")
+PYEOF

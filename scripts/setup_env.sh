@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv and install everything the project needs (idempotent; offline except package registries).
+# torch is installed first and pinned: an unpinned torch would pull the CUDA build (GBs) on CPU machines.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+PY=.venv/bin/python
+stamp=.venv/.aria-installed
+want="$(cat requirements.txt requirements-dev.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+$PY -m pip install -q --upgrade pip
+$PY -m pip install -q "torch==${TORCH_VERSION}"
+constraints="$(mktemp)"
+echo "torch==${TORCH_VERSION}" > "$constraints"
+$PY -m pip install -q -c "$constraints" -r requirements.txt -r requirements-dev.txt
+# The real CLIP BPE vocabulary for the tiny teacher; --no-deps: its torchvision dependency is broken on CPU torch.
+$PY -m pip install -q --no-deps "open-clip-torch==3.3.0"
+rm -f "$constraints"
+echo "$want" > "$stamp"

@@ -1,0 +1,575 @@
+#!/usr/bin/env python
+"""Distil a Stable Diffusion UNet into a smaller BK-SDM student with Random Conditioning and ARIA.
+
+    accelerate launch train_aria_distill.py \
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --student_config bk_small --train_data_dir teacher-data --prompt_file prompts.csv \
+        --condition_sampling aria --output_dir bk-small-aria
+
+The objective is BK-SDM's (task + output KD + feature KD). Random Conditioning replaces the caption
+of a noised latent with a corpus prompt, more often at high noise; ARIA decides which prompts, by
+sending more of them to the regions of the prompt space where the student still disagrees with the
+teacher. See README.md and METHOD.md-style notes in aria_utils/.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import numpy as np
+import torch
+
+from aria_utils import checkpointing, conditioning, students
+from aria_utils.losses import DistillationLoss, FeatureRecorder
+from aria_utils.paired_data import (
+    check_image_folder,
+    encode_image_dataset,
+    is_teacher_latent_dir,
+    load_image_caption_dataset,
+    load_paired_latents,
+)
+from aria_utils.prompts import load_prompt_corpus
+
+logger = logging.getLogger("train_aria_distill")
+
+# Never written to disk, logs or trackers.
+SECRET_ARGS = ("hub_token",)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # ----- teacher and student -----
+    parser.add_argument("--pretrained_model_name_or_path", required=True,
+                        help="Teacher Stable Diffusion pipeline: hub id (org/name) or local diffusers folder.")
+    parser.add_argument("--revision", default=None, help="Hub revision of the teacher.")
+    parser.add_argument("--variant", default=None, help="Weight variant of the teacher, e.g. fp16.")
+    parser.add_argument("--student_config", choices=students.STUDENT_VARIANTS, default="bk_small",
+                        help="BK-SDM student derived from the teacher's UNet config and initialised from its weights.")
+    parser.add_argument("--student_model_name_or_path", default=None,
+                        help="Start from this UNet instead (diffusers folder / hub id, with or without a unet/ subfolder).")
+    # ----- paired data -----
+    parser.add_argument("--train_data_dir", default=None,
+                        help="Teacher latents from aria_utils.generate_teacher_data, or an imagefolder with metadata.jsonl.")
+    parser.add_argument("--dataset_name", default=None, help="Hub image-caption dataset (alternative to --train_data_dir).")
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--caption_column", default="text")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="Image resolution for image datasets and validation; default: the teacher's.")
+    # ----- condition corpus and random conditioning -----
+    parser.add_argument("--prompt_file", default=None, help="Condition corpus: txt, csv, tsv, json, jsonl or parquet.")
+    parser.add_argument("--prompt_dataset_name", default=None, help="Condition corpus from a hub dataset.")
+    parser.add_argument("--prompt_column", default="prompt")
+    parser.add_argument("--condition_sampling", choices=conditioning.CONDITION_SAMPLING_MODES, default="aria",
+                        help="paired: no random conditioning; random: RC (uniform over prompts); region_uniform: "
+                             "uniform over regions; aria: adaptive allocation by tracked discrepancy.")
+    parser.add_argument("--random_conditioning_schedule", choices=["exp", "sigmoid"], default="exp")
+    parser.add_argument("--random_conditioning_lambda", type=float, default=5.0,
+                        help="lambda of p(t) = exp(-lambda (1 - t/T)).")
+    parser.add_argument("--text_drop_prob", type=float, default=0.1, help="Caption dropped for classifier-free guidance.")
+    # ----- loss -----
+    parser.add_argument("--lambda_sd", type=float, default=1.0, help="Task loss weight (paired samples only).")
+    parser.add_argument("--lambda_kd_output", type=float, default=1.0, help="Output KD weight.")
+    parser.add_argument("--lambda_kd_feat", type=float, default=1.0, help="Feature KD weight.")
+    # ----- ARIA -----
+    parser.add_argument("--num_regions", type=int, default=16, help="K: k-means regions of the condition corpus.")
+    parser.add_argument("--region_embedding_model", default="sentence-transformers/all-MiniLM-L6-v2",
+                        help="Sentence-transformer for the regions: hub id or local path.")
+    parser.add_argument("--region_embedding_batch_size", type=int, default=128)
+    parser.add_argument("--region_cache_dir", default=None, help="Region index cache; default: OUTPUT_DIR/regions.")
+    parser.add_argument("--track_regions", action="store_true",
+                        help="Track per-region discrepancy also for paired/random/region_uniform (for comparisons).")
+    parser.add_argument("--aria_ema_decay", type=float, default=0.9,
+                        help="Tracker EMA: d_k <- decay * d_k + (1 - decay) * batch mean of region k.")
+    parser.add_argument("--aria_temperature", type=float, default=1.0, help="tau in pi ~ d^(1/tau).")
+    parser.add_argument("--aria_uniform_mix", type=float, default=0.1,
+                        help="eps: weight of the base distribution, guarantees every region keeps being visited.")
+    parser.add_argument("--aria_base", choices=["corpus", "uniform"], default="corpus",
+                        help="Base distribution b: corpus mass n_k/N (RC's allocation) or uniform.")
+    parser.add_argument("--aria_warmup_steps", type=int, default=50, help="Sample from the base distribution first.")
+    parser.add_argument("--aria_warmup_min_visits", type=int, default=0,
+                        help="Also stay in warm-up until every region has this many samples.")
+    parser.add_argument("--aria_normalize_timesteps", action=argparse.BooleanOptionalAction, default=True,
+                        help="Divide discrepancies by a running mean per timestep bucket before tracking.")
+    parser.add_argument("--aria_timestep_buckets", type=int, default=10)
+    parser.add_argument("--aria_importance_weighting", action="store_true",
+                        help="Weight random-conditioned samples by b_k/pi_k so the expected gradient equals RC's.")
+    # ----- optimisation -----
+    parser.add_argument("--output_dir", default="aria-distill-output")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_batch_size", type=int, default=16, help="Per device.")
+    parser.add_argument("--num_train_epochs", type=int, default=1, help="Used only when --max_train_steps is not set.")
+    parser.add_argument("--max_train_steps", type=int, default=None)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--scale_lr", action="store_true", help="Multiply the lr by batch size, accumulation and processes.")
+    parser.add_argument("--lr_scheduler", default="constant",
+                        help='diffusers get_scheduler name: "linear", "cosine", "constant", "constant_with_warmup", ...')
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the student; it is what gets saved.")
+    parser.add_argument("--ema_decay", type=float, default=0.9999)
+    parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                        help="Default: Accelerate's config. fp16 needs a GPU.")
+    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    parser.add_argument("--on_nonfinite", choices=["skip", "stop"], default="skip",
+                        help="A non-finite loss skips the update (counted and logged) or stops with a checkpoint.")
+    # ----- logging, checkpoints, validation -----
+    parser.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    parser.add_argument("--logging_dir", default="logs", help="TensorBoard dir, relative to --output_dir.")
+    parser.add_argument("--tracker_project_name", default="aria-distill")
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint-<step> folder or "latest".')
+    parser.add_argument("--validation_prompts", nargs="*", default=None)
+    parser.add_argument("--validation_steps", type=int, default=500,
+                        help="Validation images and region heat map every this many steps.")
+    parser.add_argument("--validation_inference_steps", type=int, default=25)
+    parser.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    args = parser.parse_args(argv)
+    validate_args(args, parser)
+    return args
+
+
+def looks_like_local_path(name):
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep in name.replace("/", "", 1)
+
+
+def validate_args(args, parser):
+    """Everything checkable without loading a model: fail in seconds, naming the flag."""
+    if not os.path.isdir(args.pretrained_model_name_or_path) and looks_like_local_path(args.pretrained_model_name_or_path):
+        parser.error(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is neither a local "
+                     "folder nor a hub id of the form org/name.")
+    if args.student_model_name_or_path and not os.path.isdir(args.student_model_name_or_path) \
+            and looks_like_local_path(args.student_model_name_or_path):
+        parser.error(f"--student_model_name_or_path {args.student_model_name_or_path!r} does not exist.")
+    if args.train_data_dir is None and args.dataset_name is None:
+        parser.error("Paired data is needed: --train_data_dir (teacher latents or imagefolder) or --dataset_name.")
+    if args.train_data_dir is not None and not is_teacher_latent_dir(args.train_data_dir) and args.dataset_name is None:
+        try:
+            check_image_folder(args.train_data_dir, args.caption_column)
+        except ValueError as error:
+            parser.error(str(error))
+    if args.condition_sampling != "paired" and args.prompt_file is None and args.prompt_dataset_name is None:
+        parser.error(f"--condition_sampling {args.condition_sampling} draws prompts from a condition corpus: "
+                     "give --prompt_file or --prompt_dataset_name (or use --condition_sampling paired).")
+    if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
+        parser.error(f"--prompt_file {args.prompt_file!r} does not exist.")
+    if args.num_regions < 1:
+        parser.error("--num_regions must be at least 1.")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error("--max_train_steps must be at least 1.")
+    if not 0.0 <= args.text_drop_prob <= 1.0:
+        parser.error("--text_drop_prob must be in [0, 1].")
+    if not 0.0 < args.aria_uniform_mix <= 1.0:
+        parser.error("--aria_uniform_mix must be in (0, 1]: eps > 0 keeps every region visited.")
+    if not 0.0 <= args.aria_ema_decay < 1.0:
+        parser.error("--aria_ema_decay must be in [0, 1).")
+    if args.aria_temperature <= 0:
+        parser.error("--aria_temperature must be > 0.")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        try:
+            checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        except FileNotFoundError as error:
+            parser.error(str(error))
+
+
+def uses_regions(args):
+    return args.condition_sampling in ("region_uniform", "aria") or args.track_regions
+
+
+def check_mixed_precision(accelerator):
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise SystemExit("--mixed_precision fp16 needs a GPU: on CPU it would silently run in fp32. "
+                         "Use --mixed_precision bf16 (works on CPU) or no.")
+
+
+def public_args(args):
+    return {key: value for key, value in vars(args).items() if key not in SECRET_ARGS}
+
+
+def all_processes_agree(accelerator, flag):
+    """True when `flag` holds on every process (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    flags = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))
+    return bool(flags.min().item() > 0)
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        logger.warning("Received signal %d: finishing this step, then checkpointing and exiting.", signum)
+        self.requested = True
+
+
+def main(args):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from aria_utils.plots import region_heatmap
+    from aria_utils.tracker import RegionTracker
+    from aria_utils.validation import Validator
+
+    # ---------------------------------------------------------------- Accelerator and logging
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    check_mixed_precision(accelerator)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+
+    # ---------------------------------------------------------------- Data first: cheap, fails fast
+    corpus = None
+    if args.prompt_file is not None or args.prompt_dataset_name is not None:
+        corpus = load_prompt_corpus(args.prompt_file, args.prompt_dataset_name, args.prompt_column)
+        logger.info("Condition corpus: %s", corpus.summary())
+        if uses_regions(args) and args.num_regions > len(corpus):
+            raise SystemExit(f"--num_regions {args.num_regions} exceeds the {len(corpus)} distinct prompts of the "
+                             "corpus; lower --num_regions.")
+    image_dataset = None
+    if is_teacher_latent_dir(args.train_data_dir):
+        paired = load_paired_latents(args.train_data_dir)
+    else:
+        image_dataset = load_image_caption_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir,
+                                                   args.image_column, args.caption_column, args.cache_dir,
+                                                   args.max_train_samples)
+
+    # ---------------------------------------------------------------- Regions of the condition corpus
+    region_index = None
+    if uses_regions(args):
+        from aria_utils.regions import build_or_load_region_index
+
+        region_index = build_or_load_region_index(
+            corpus.prompts, cache_dir=args.region_cache_dir or os.path.join(args.output_dir, "regions"),
+            model_name=args.region_embedding_model, num_regions=args.num_regions, seed=args.seed,
+            batch_size=args.region_embedding_batch_size, accelerator=accelerator,
+        )
+
+    # ---------------------------------------------------------------- Models
+    load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    teacher_path = args.pretrained_model_name_or_path
+    tokenizer = CLIPTokenizer.from_pretrained(teacher_path, subfolder="tokenizer", revision=args.revision,
+                                              cache_dir=args.cache_dir)
+    noise_scheduler = DDPMScheduler.from_pretrained(teacher_path, subfolder="scheduler", revision=args.revision,
+                                                    cache_dir=args.cache_dir)
+    text_encoder = CLIPTextModel.from_pretrained(teacher_path, subfolder="text_encoder", **load_kwargs)
+    vae = AutoencoderKL.from_pretrained(teacher_path, subfolder="vae", **load_kwargs)
+    teacher_unet = UNet2DConditionModel.from_pretrained(teacher_path, subfolder="unet", **load_kwargs)
+    for frozen in (text_encoder, vae, teacher_unet):
+        frozen.requires_grad_(False)
+        frozen.eval()
+
+    if args.student_model_name_or_path:
+        student_path = args.student_model_name_or_path
+        subfolder = "unet" if os.path.isdir(os.path.join(student_path, "unet")) else None
+        student = UNet2DConditionModel.from_pretrained(student_path, subfolder=subfolder, cache_dir=args.cache_dir)
+    else:
+        student = students.build_student(teacher_unet, args.student_config)
+    student.train()
+    logger.info("Teacher UNet %.1fM parameters, student %.1fM", students.count_parameters(teacher_unet) / 1e6,
+                students.count_parameters(student) / 1e6)
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for frozen in (text_encoder, vae, teacher_unet):
+        frozen.to(accelerator.device, dtype=weight_dtype)
+    if args.enable_xformers_memory_efficient_attention:
+        teacher_unet.enable_xformers_memory_efficient_attention()
+        student.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+
+    feature_pairs = students.feature_layer_pairs(student, teacher_unet)
+    student_features = FeatureRecorder(student, [pair[0] for pair in feature_pairs])
+    teacher_features = FeatureRecorder(teacher_unet, [pair[1] for pair in feature_pairs])
+
+    ema_student = None
+    if args.use_ema:
+        ema_student = EMAModel(student.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
+                               model_config=student.config)
+        ema_student.to(accelerator.device)
+    checkpointing.StudentCheckpointHooks(accelerator, UNet2DConditionModel, ema_student).register()
+
+    # ---------------------------------------------------------------- Paired latents
+    resolution = args.resolution or teacher_unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1))
+    if image_dataset is not None:
+        with accelerator.main_process_first():
+            paired = encode_image_dataset(image_dataset, vae, args.image_column, args.caption_column, resolution,
+                                          args.train_batch_size, os.path.join(args.output_dir, "latent_cache"),
+                                          teacher_path, accelerator.device, weight_dtype,
+                                          show_progress=accelerator.is_local_main_process)
+    if paired.latents.shape[1] != teacher_unet.config.in_channels:
+        raise SystemExit(f"The paired latents have {paired.latents.shape[1]} channels, the teacher UNet expects "
+                         f"{teacher_unet.config.in_channels}: --train_data_dir was made with another model.")
+    caption_region_ids = np.full(len(paired), -1, dtype=np.int64)
+    if region_index is not None:
+        caption_region_ids = region_index.assign_prompts(paired.captions, corpus.prompts, accelerator=accelerator)
+
+    # ---------------------------------------------------------------- Optimizer, lr schedule
+    num_processes = accelerator.num_processes
+    total_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
+    learning_rate = args.learning_rate * (total_batch_size if args.scale_lr else 1)
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(student.parameters(), lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * math.ceil(len(paired) / total_batch_size)
+    # The prepared scheduler steps once per process per optimisation step.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                                 num_training_steps=max_train_steps * num_processes)
+    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+
+    # ---------------------------------------------------------------- Condition sampling and tracking
+    sampler = tracker = None
+    if corpus is not None:
+        labels = region_index.labels if region_index is not None else None
+        num_regions = region_index.num_regions if region_index is not None else 1
+        sampler = conditioning.ConditionSampler(len(corpus), labels, num_regions)
+    if region_index is not None:
+        base = sampler.corpus_probabilities if args.aria_base == "corpus" else None
+        tracker = RegionTracker(
+            region_index.num_regions, base_probabilities=base, ema_decay=args.aria_ema_decay,
+            temperature=args.aria_temperature, uniform_mix=args.aria_uniform_mix, warmup_steps=args.aria_warmup_steps,
+            warmup_min_visits=args.aria_warmup_min_visits, normalize_timesteps=args.aria_normalize_timesteps,
+            num_timestep_buckets=args.aria_timestep_buckets,
+            num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+        )
+    region_history = []  # [(step, estimates, probabilities)] for the heat map
+    loss_fn = DistillationLoss(args.lambda_sd, args.lambda_kd_output, args.lambda_kd_feat)
+
+    if accelerator.is_main_process and args.report_to != "none":
+        tracker_config = {key: value for key, value in public_args(args).items()
+                          if isinstance(value, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+
+    # ---------------------------------------------------------------- Resume
+    global_step = 0
+    nonfinite_skipped = 0
+    if resume_path is not None:
+        logger.info("Resuming from %s", resume_path)
+        state = checkpointing.load_checkpoint(accelerator, resume_path)
+        global_step = state["global_step"]
+        nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        if tracker is not None:
+            tracker.load_state_dict(state["tracker"])
+        region_history = [tuple(entry) for entry in state.get("region_history", [])]
+    elif args.resume_from_checkpoint == "latest":
+        logger.info("No checkpoint in %s yet: starting a new run.", args.output_dir)
+
+    def training_state():
+        return {
+            "global_step": global_step,
+            "nonfinite_skipped": nonfinite_skipped,
+            "tracker": tracker.state_dict() if tracker is not None else None,
+            "region_history": region_history,
+            "args": public_args(args),
+        }
+
+    validator = None
+    if args.validation_prompts and accelerator.is_main_process:
+        validator = Validator(args.validation_prompts, teacher_unet, vae, text_encoder, tokenizer, noise_scheduler,
+                              resolution, args.seed, args.validation_inference_steps, args.validation_guidance_scale,
+                              args.output_dir, accelerator.device)
+
+    logger.info("***** Running distillation *****")
+    logger.info("  Paired latents = %d, condition corpus = %s, sampling = %s", len(paired),
+                len(corpus) if corpus is not None else 0, args.condition_sampling)
+    logger.info("  Per-device batch = %d, processes = %d, accumulation = %d, effective batch = %d",
+                args.train_batch_size, num_processes, args.gradient_accumulation_steps, total_batch_size)
+    logger.info("  Steps = %d (starting at %d)", max_train_steps, global_step)
+
+    preemption = PreemptionFlag()
+    preemption.install()
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    prediction_type = noise_scheduler.config.prediction_type
+    progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+
+    def validate_and_plot(step):
+        """Main process only, and free of collectives: the other processes do not wait here."""
+        if validator is not None:
+            model = accelerator.unwrap_model(student)
+            if ema_student is not None:
+                ema_student.store(model.parameters())
+                ema_student.copy_to(model.parameters())
+            validator.run(model, step, accelerator.trackers)
+            if ema_student is not None:
+                ema_student.restore(model.parameters())
+        if tracker is not None and region_history:
+            image = region_heatmap(region_history, os.path.join(args.output_dir, "aria_regions.png"))
+            for run_tracker in accelerator.trackers:
+                if run_tracker.name == "tensorboard":
+                    run_tracker.writer.add_image("aria/region_discrepancy_heatmap", image, step, dataformats="HWC")
+
+    while global_step < max_train_steps:
+        step_start = time.perf_counter()
+        region_probabilities = None
+        if sampler is not None and args.condition_sampling != "paired":
+            region_probabilities = sampler.region_distribution(args.condition_sampling, tracker)
+        step_statistics = None
+        logs = {"loss": 0.0, "loss/task": 0.0, "loss/kd_output": 0.0, "loss/kd_feat": 0.0, "random_fraction": 0.0}
+        locally_finite = step_is_finite = True
+        for micro_step in range(args.gradient_accumulation_steps):
+            generator = conditioning.step_generator(args.seed, global_step, micro_step, accelerator.process_index)
+            indices = conditioning.paired_batch_indices(
+                len(paired), args.train_batch_size, global_step * args.gradient_accumulation_steps + micro_step,
+                accelerator.process_index, num_processes, args.seed)
+            latents = paired.latents[indices]
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.randint(0, num_train_timesteps, (len(indices),), generator=generator)
+            conditions = conditioning.choose_conditions(
+                [paired.captions[i] for i in indices], caption_region_ids[indices], timesteps, num_train_timesteps,
+                args.condition_sampling, sampler, corpus.prompts if corpus is not None else None, generator,
+                region_probabilities=region_probabilities, schedule=args.random_conditioning_schedule,
+                strength=args.random_conditioning_lambda, text_drop_prob=args.text_drop_prob,
+                importance_weighting=args.aria_importance_weighting and args.condition_sampling != "paired",
+            )
+            latents, noise, timesteps = (x.to(accelerator.device) for x in (latents, noise, timesteps))
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+
+            with accelerator.accumulate(student):
+                input_ids = tokenizer(conditions.prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                                      truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
+                with torch.no_grad():
+                    encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+                    teacher_pred = teacher_unet(noisy_latents.to(weight_dtype), timesteps, encoder_hidden_states).sample
+                student_pred = student(noisy_latents, timesteps, encoder_hidden_states).sample
+                losses = loss_fn(student_pred, teacher_pred, target, student_features.features(),
+                                 teacher_features.features(), conditions.is_paired.to(accelerator.device),
+                                 conditions.sample_weights.to(accelerator.device))
+                student_features.clear()
+                teacher_features.clear()
+                accelerator.backward(losses.loss)
+                locally_finite = locally_finite and bool(torch.isfinite(losses.loss))
+                if accelerator.sync_gradients:
+                    # Every process must take the same decision, or DDP replicas drift apart.
+                    step_is_finite = all_processes_agree(accelerator, locally_finite)
+                    if step_is_finite:
+                        accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+            if tracker is not None:
+                micro_statistics = tracker.step_statistics(conditions.region_ids, losses.per_sample_kd_output.cpu(),
+                                                           timesteps.cpu())
+                step_statistics = micro_statistics if step_statistics is None else step_statistics + micro_statistics
+            logs["loss"] += losses.loss.item() / args.gradient_accumulation_steps
+            logs["loss/task"] += losses.task.item() / args.gradient_accumulation_steps
+            logs["loss/kd_output"] += losses.kd_output.item() / args.gradient_accumulation_steps
+            logs["loss/kd_feat"] += losses.kd_feat.item() / args.gradient_accumulation_steps
+            logs["random_fraction"] += (1.0 - conditions.is_paired.float().mean().item()) / args.gradient_accumulation_steps
+
+        if not step_is_finite:
+            nonfinite_skipped += 1
+            logger.warning("Non-finite loss at step %d: update skipped (%d so far).", global_step, nonfinite_skipped)
+            if args.on_nonfinite == "stop":
+                checkpointing.save_checkpoint(accelerator, args.output_dir, global_step, training_state(),
+                                              args.checkpoints_total_limit)
+                raise SystemExit(f"Stopped on a non-finite loss at step {global_step} (--on_nonfinite stop); "
+                                 f"the last good state is in checkpoint-{global_step}.")
+        if tracker is not None and step_is_finite:
+            tracker.update_from_statistics(accelerator.reduce(step_statistics.to(accelerator.device), "sum").cpu())
+        if ema_student is not None and step_is_finite:
+            ema_student.step(accelerator.unwrap_model(student).parameters())
+        global_step += 1
+        progress_bar.update(1)
+
+        step_time = time.perf_counter() - step_start
+        logs.update({"lr": lr_scheduler.get_last_lr()[0], "step_time": step_time,
+                     "samples_per_second": total_batch_size / step_time, "nonfinite_skipped": nonfinite_skipped})
+        if tracker is not None:
+            estimates, probabilities = tracker.estimates(), tracker.probabilities()
+            region_history.append((global_step, estimates.tolist(), probabilities.tolist()))
+        progress_bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        accelerator.log(logs, step=global_step)
+
+        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            if tracker is not None:
+                region_logs = {}
+                for region in range(tracker.num_regions):
+                    region_logs[f"aria/discrepancy/region_{region:02d}"] = estimates[region]
+                    region_logs[f"aria/probability/region_{region:02d}"] = probabilities[region]
+                    region_logs[f"aria/visits/region_{region:02d}"] = int(tracker.visits[region])
+                accelerator.log(region_logs, step=global_step)
+            validate_and_plot(global_step)
+
+        # Every process must agree to stop at the same step: checkpointing is collective.
+        stop_now = not all_processes_agree(accelerator, not preemption.requested)
+        if global_step % args.checkpointing_steps == 0 or stop_now:
+            checkpointing.save_checkpoint(accelerator, args.output_dir, global_step, training_state(),
+                                          args.checkpoints_total_limit)
+        if stop_now:
+            logger.warning("Preempted: checkpoint-%d written; resume with --resume_from_checkpoint latest.", global_step)
+            accelerator.end_training()
+            return
+
+    # ---------------------------------------------------------------- Final pipeline
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        from aria_utils.export import save_student_pipeline
+
+        final_student = accelerator.unwrap_model(student)
+        if ema_student is not None:
+            ema_student.copy_to(final_student.parameters())
+        save_student_pipeline(final_student, teacher_path, args.output_dir, load_kwargs)
+        if tracker is not None:
+            from aria_utils.regions import write_region_report
+
+            write_region_report(os.path.join(args.output_dir, "aria_regions.json"), region_index, tracker)
+            validate_and_plot(global_step)
+        with open(os.path.join(args.output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
+            json.dump(public_args(args), handle, indent=2)
+        logger.info("Student pipeline saved to %s", args.output_dir)
+    student_features.remove()
+    teacher_features.remove()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
