@@ -13,6 +13,7 @@ teacher. See README.md and METHOD.md-style notes in aria_utils/.
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -139,6 +140,9 @@ def parse_args(argv=None):
                         help="Validation images and region heat map every this many steps.")
     parser.add_argument("--validation_inference_steps", type=int, default=25)
     parser.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    parser.add_argument("--debug_process_states", action="store_true",
+                        help="At the end every process writes process_states/rank_<i>.json (tracker, weight and "
+                             "drawn-condition digests) to check data-parallel consistency.")
     args = parser.parse_args(argv)
     validate_args(args, parser)
     return args
@@ -210,6 +214,19 @@ def all_processes_agree(accelerator, flag):
         return bool(flag)
     flags = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))
     return bool(flags.min().item() > 0)
+
+
+def write_process_state(output_dir, accelerator, student, tracker, conditions_digest):
+    weights = hashlib.sha256()
+    for name, tensor in sorted(accelerator.unwrap_model(student).state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    state = {"process_index": accelerator.process_index, "student_sha256": weights.hexdigest(),
+             "conditions_sha256": conditions_digest, "tracker": tracker.state_dict() if tracker is not None else None}
+    directory = os.path.join(output_dir, "process_states")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"rank_{accelerator.process_index}.json"), "w", encoding="utf-8") as handle:
+        json.dump(state, handle, indent=2)
 
 
 class PreemptionFlag:
@@ -379,6 +396,7 @@ def main(args):
             num_train_timesteps=noise_scheduler.config.num_train_timesteps,
         )
     region_history = []  # [(step, estimates, probabilities)] for the heat map
+    drawn_conditions = hashlib.sha256()  # only fed with --debug_process_states
     loss_fn = DistillationLoss(args.lambda_sd, args.lambda_kd_output, args.lambda_kd_feat)
 
     if accelerator.is_main_process and args.report_to != "none":
@@ -468,6 +486,8 @@ def main(args):
                 strength=args.random_conditioning_lambda, text_drop_prob=args.text_drop_prob,
                 importance_weighting=args.aria_importance_weighting and args.condition_sampling != "paired",
             )
+            if args.debug_process_states:
+                drawn_conditions.update("\x1f".join(conditions.prompts).encode("utf-8"))
             latents, noise, timesteps = (x.to(accelerator.device) for x in (latents, noise, timesteps))
             noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
             target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -550,6 +570,8 @@ def main(args):
             return
 
     # ---------------------------------------------------------------- Final pipeline
+    if args.debug_process_states:
+        write_process_state(args.output_dir, accelerator, student, tracker, drawn_conditions.hexdigest())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         from aria_utils.export import save_student_pipeline

@@ -98,7 +98,7 @@ def main(argv=None):
     if dtype == torch.float16 and device == "cpu":
         raise SystemExit("--mixed_precision fp16 needs a GPU; on CPU use bf16 or no.")
     pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, torch_dtype=dtype,
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, dtype=dtype,
         safety_checker=None, requires_safety_checker=False,
     ).to(device)
     pipeline.set_progress_bar_config(disable=True)

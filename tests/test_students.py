@@ -1,0 +1,104 @@
+import pytest
+import torch
+from accelerate import init_empty_weights
+from diffusers import UNet2DConditionModel
+
+from aria_utils.losses import FeatureRecorder
+from aria_utils.students import (
+    STUDENT_VARIANTS,
+    build_student,
+    count_parameters,
+    feature_layer_pairs,
+    student_config_from_teacher,
+    student_to_teacher_key_map,
+)
+
+# The UNet config of CompVis/stable-diffusion-v1-4 (fields that differ from diffusers' defaults).
+SD14_UNET_CONFIG = {
+    "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 2, "sample_size": 64, "in_channels": 4, "out_channels": 4,
+}
+# SD-2.1: per-stage head dims, linear projections, 1024-wide text states.
+SD21_UNET_CONFIG = dict(SD14_UNET_CONFIG, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+                        use_linear_projection=True, sample_size=96)
+
+# BK-SDM's published U-Net sizes (billions), reported to two decimals.
+PUBLISHED_SIZES = {"bk_base": 0.58, "bk_small": 0.49, "bk_tiny": 0.33}
+
+
+def empty_unet(config):
+    with init_empty_weights():
+        return UNet2DConditionModel.from_config(config)
+
+
+def test_sd14_config_is_the_real_teacher():
+    assert count_parameters(empty_unet(SD14_UNET_CONFIG)) == 859_520_964  # SD-1.4's well-known U-Net size
+
+
+@pytest.mark.parametrize("variant", STUDENT_VARIANTS)
+def test_student_sizes_match_bk_sdm(variant):
+    student = empty_unet(student_config_from_teacher(SD14_UNET_CONFIG, variant))
+    # Published numbers are rounded to 0.01B; the architectures give 0.579B / 0.482B / 0.323B.
+    assert abs(count_parameters(student) / 1e9 - PUBLISHED_SIZES[variant]) <= 0.01
+
+
+def test_student_layouts():
+    base = student_config_from_teacher(SD14_UNET_CONFIG, "bk_base")
+    small = student_config_from_teacher(SD14_UNET_CONFIG, "bk_small")
+    tiny = student_config_from_teacher(SD14_UNET_CONFIG, "bk_tiny")
+    assert base["layers_per_block"] == 1 and base.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None
+    assert small["mid_block_type"] is None
+    assert tiny["down_block_types"] == ["CrossAttnDownBlock2D"] * 3
+    assert tiny["up_block_types"] == ["CrossAttnUpBlock2D"] * 3
+    assert tiny["block_out_channels"] == [320, 640, 1280]
+
+
+@pytest.mark.parametrize("variant", STUDENT_VARIANTS)
+def test_sd21_students_build_and_map(variant):
+    teacher = empty_unet(SD21_UNET_CONFIG)
+    config = student_config_from_teacher(SD21_UNET_CONFIG, variant)
+    student = empty_unet(config)
+    assert student.config.cross_attention_dim == 1024 and student.config.use_linear_projection
+    mapping = student_to_teacher_key_map(student, teacher)
+    teacher_state, student_state = teacher.state_dict(), student.state_dict()
+    for student_key, teacher_key in mapping.items():
+        assert teacher_state[teacher_key].shape == student_state[student_key].shape, student_key
+
+
+def test_unknown_variant_names_the_flag():
+    with pytest.raises(ValueError, match="--student_config"):
+        student_config_from_teacher(SD14_UNET_CONFIG, "bk_huge")
+
+
+def test_weight_copy_follows_bk_sdm_mapping(assets):
+    teacher = UNet2DConditionModel.from_pretrained(assets["teacher"], subfolder="unet")
+    student = build_student(teacher, "bk_tiny")
+    teacher_state, student_state = teacher.state_dict(), student.state_dict()
+    # Down stages keep the first layer.
+    assert torch.equal(student_state["down_blocks.0.resnets.0.conv1.weight"],
+                       teacher_state["down_blocks.0.resnets.0.conv1.weight"])
+    # Up stages keep the outer layers: student layer 1 <- teacher layer 2; tiny shifts stages by one.
+    assert torch.equal(student_state["up_blocks.0.resnets.1.conv1.weight"],
+                       teacher_state["up_blocks.1.resnets.2.conv1.weight"])
+    assert torch.equal(student_state["up_blocks.2.attentions.0.proj_in.weight"],
+                       teacher_state["up_blocks.3.attentions.0.proj_in.weight"])
+    assert torch.equal(student_state["conv_out.weight"], teacher_state["conv_out.weight"])
+    # Every student weight came from somewhere in the teacher.
+    assert set(student_to_teacher_key_map(student, teacher).values()) <= set(teacher_state)
+
+
+@pytest.mark.parametrize("variant", STUDENT_VARIANTS)
+def test_feature_pairs_have_matching_shapes(assets, variant):
+    teacher = UNet2DConditionModel.from_pretrained(assets["teacher"], subfolder="unet")
+    student = build_student(teacher, variant)
+    pairs = feature_layer_pairs(student, teacher)
+    student_recorder = FeatureRecorder(student, [s for s, _ in pairs])
+    teacher_recorder = FeatureRecorder(teacher, [t for _, t in pairs])
+    latents, states = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        student(latents, torch.tensor([1, 900]), states)
+        teacher(latents, torch.tensor([1, 900]), states)
+    for (name, _), s, t in zip(pairs, student_recorder.features(), teacher_recorder.features()):
+        assert s.shape == t.shape, name
