@@ -1,0 +1,87 @@
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from aria_utils.demo_corpus import build_demo_corpus
+from aria_utils.regions import (
+    RegionIndexError,
+    build_or_load_region_index,
+    load_region_index,
+    main as regions_cli,
+)
+
+PROMPTS = [prompt for prompt, _ in build_demo_corpus(seed=0)][:400]
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("regions"))
+    index = build_or_load_region_index(PROMPTS, cache, num_regions=6, seed=0)
+    return cache, index
+
+
+def test_index_contents(built_cache):
+    cache, index = built_cache
+    assert index.num_regions == 6 and index.labels.shape == (400,)
+    assert index.sizes.sum() == 400 and (index.sizes > 0).all()
+    assert all(1 <= len(r) <= 5 for r in index.representatives)
+    # Representatives belong to their region.
+    lookup = {p: i for i, p in enumerate(PROMPTS)}
+    for region, representatives in enumerate(index.representatives):
+        assert all(index.labels[lookup[p]] == region for p in representatives)
+    metadata = json.load(open(os.path.join(cache, "regions.json")))
+    assert [r["size"] for r in metadata["regions"]] == index.sizes.tolist()
+
+
+def test_semantic_clusters_follow_categories(built_cache):
+    _, index = built_cache
+    categories = [category for _, category in build_demo_corpus(seed=0)][:400]
+    # Each region should be dominated by one category (the corpus is built from category templates).
+    purities = []
+    for region in range(index.num_regions):
+        members = [categories[i] for i in np.flatnonzero(index.labels == region)]
+        purities.append(max(members.count(c) for c in set(members)) / len(members))
+    assert np.mean(purities) > 0.6
+
+
+def test_nearest_centroid_assignment_of_corpus_prompts_agrees_with_labels(built_cache):
+    _, index = built_cache
+    assigned = index.assign_prompts(PROMPTS[:50])  # embedded again, not looked up
+    assert (assigned == index.labels[:50]).mean() > 0.95
+    assert (index.assign_prompts(PROMPTS[:50], corpus_prompts=PROMPTS) == index.labels[:50]).all()
+
+
+def test_cache_reused_then_rebuilt_on_change(built_cache, caplog):
+    cache, index = built_cache
+    caplog.set_level(logging.INFO, logger="aria_utils.regions")
+    again = build_or_load_region_index(PROMPTS, cache, num_regions=6, seed=0)
+    assert "reusing the cache" in caplog.text
+    assert np.array_equal(again.labels, index.labels)
+    caplog.clear()
+    build_or_load_region_index(PROMPTS, cache, num_regions=5, seed=0)
+    assert "rebuilding" in caplog.text and "K (--num_regions)" in caplog.text
+    assert load_region_index(cache).num_regions == 5
+    caplog.clear()
+    build_or_load_region_index(PROMPTS[:-1], cache, num_regions=5, seed=0)
+    assert "corpus content" in caplog.text
+
+
+def test_bad_region_input():
+    with pytest.raises(RegionIndexError, match="--num_regions 10 exceeds the 3 distinct prompts"):
+        build_or_load_region_index(["a", "b", "c"], "/tmp/unused-cache", num_regions=10)
+    with pytest.raises(RegionIndexError, match="--region_embedding_model"):
+        build_or_load_region_index(PROMPTS, "/tmp/unused-cache", model_name="./no/such/model", num_regions=2)
+
+
+def test_cli_prints_table(tmp_path, capsys):
+    corpus = tmp_path / "p.txt"
+    corpus.write_text("\n".join(PROMPTS[:60] + ["", PROMPTS[0]]))
+    regions_cli(["--prompt_file", str(corpus), "--num_regions", "3", "--output_dir", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert "60 distinct prompts" in out and "1 empty and 1 duplicate" in out
+    assert out.count("\n") >= 5 and "representative prompts" in out
+    with pytest.raises(SystemExit, match="at least 1"):
+        regions_cli(["--prompt_file", str(corpus), "--num_regions", "0", "--output_dir", str(tmp_path / "r")])
