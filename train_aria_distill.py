@@ -27,13 +27,15 @@ import torch
 from aria_utils import checkpointing, conditioning, students
 from aria_utils.losses import DistillationLoss, FeatureRecorder
 from aria_utils.paired_data import (
+    PairedDataError,
     check_image_folder,
     encode_image_dataset,
     is_teacher_latent_dir,
     load_image_caption_dataset,
     load_paired_latents,
 )
-from aria_utils.prompts import load_prompt_corpus
+from aria_utils.prompts import PromptCorpusError, load_prompt_corpus
+from aria_utils.regions import RegionIndexError
 
 logger = logging.getLogger("train_aria_distill")
 
@@ -41,7 +43,7 @@ logger = logging.getLogger("train_aria_distill")
 SECRET_ARGS = ("hub_token",)
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # ----- teacher and student -----
     parser.add_argument("--pretrained_model_name_or_path", required=True,
@@ -143,6 +145,11 @@ def parse_args(argv=None):
     parser.add_argument("--debug_process_states", action="store_true",
                         help="At the end every process writes process_states/rank_<i>.json (tracker, weight and "
                              "drawn-condition digests) to check data-parallel consistency.")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     validate_args(args, parser)
     return args
@@ -594,4 +601,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except (PromptCorpusError, PairedDataError, RegionIndexError) as error:
+        # Input errors: the message names the flag and the fix; a traceback would only hide it.
+        raise SystemExit(f"error: {error}")

@@ -1,0 +1,122 @@
+"""End-to-end runs of train_aria_distill.py on the tiny teacher, in the style of diffusers' example tests."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run, training_command
+
+UNET_WEIGHTS = os.path.join("unet", "diffusion_pytorch_model.safetensors")
+
+
+def checkpoint_names(output_dir):
+    return {name for name in os.listdir(output_dir) if name.startswith("checkpoint-")}
+
+
+@pytest.fixture(scope="module")
+def resumable_runs(assets, tmp_path_factory):
+    """Run A: 6 steps then resumed to 8. Run B: 8 steps in one go. Same flags otherwise."""
+    root = tmp_path_factory.mktemp("resume")
+    regions = str(root / "regions")
+    common = ["--condition_sampling", "aria", "--num_regions", "4", "--region_cache_dir", regions,
+              "--aria_warmup_steps", "2", "--use_ema", "--ema_decay", "0.9", "--gradient_accumulation_steps", "2",
+              "--checkpointing_steps", "2"]
+    interrupted, uninterrupted = root / "interrupted", root / "uninterrupted"
+    first = run(training_command(assets, interrupted, *common, "--checkpoints_total_limit", "2",
+                                 sampling="aria", steps=6))
+    after_first = checkpoint_names(interrupted)
+    resumed = run(training_command(assets, interrupted, *common, "--checkpoints_total_limit", "2",
+                                   "--resume_from_checkpoint", "latest", sampling="aria", steps=8))
+    run(training_command(assets, uninterrupted, *common, sampling="aria", steps=8))
+    return {"interrupted": interrupted, "uninterrupted": uninterrupted, "after_first": after_first,
+            "first_log": first.stderr, "resumed_log": resumed.stderr}
+
+
+def test_checkpoint_rotation_and_resume_from_latest(resumable_runs):
+    assert resumable_runs["after_first"] == {"checkpoint-4", "checkpoint-6"}
+    assert checkpoint_names(resumable_runs["interrupted"]) == {"checkpoint-6", "checkpoint-8"}
+    assert "Resuming from" in resumable_runs["resumed_log"] and "checkpoint-6" in resumable_runs["resumed_log"]
+    state = json.load(open(resumable_runs["interrupted"] / "checkpoint-8" / "training_state.json"))
+    assert state["global_step"] == 8
+    # Checkpoints hold the student (and EMA) as diffusers folders in safetensors.
+    assert (resumable_runs["interrupted"] / "checkpoint-8" / UNET_WEIGHTS).is_file()
+    assert (resumable_runs["interrupted"] / "checkpoint-8" / "unet_ema").is_dir()
+
+
+def test_resumed_run_equals_uninterrupted_run(resumable_runs):
+    resumed = load_file(str(resumable_runs["interrupted"] / UNET_WEIGHTS))
+    straight = load_file(str(resumable_runs["uninterrupted"] / UNET_WEIGHTS))
+    assert resumed.keys() == straight.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], straight[key]), key
+    state_resumed = json.load(open(resumable_runs["interrupted"] / "checkpoint-8" / "training_state.json"))
+    state_straight = json.load(open(resumable_runs["uninterrupted"] / "checkpoint-8" / "training_state.json"))
+    assert state_resumed["tracker"] == state_straight["tracker"]
+    assert state_resumed["tracker"]["num_steps"] == 8
+
+
+def test_training_changed_the_student(resumable_runs, assets):
+    from diffusers import UNet2DConditionModel
+
+    from aria_utils.students import build_student
+
+    initial = build_student(UNet2DConditionModel.from_pretrained(assets["teacher"], subfolder="unet"), "bk_small")
+    trained = load_file(str(resumable_runs["uninterrupted"] / UNET_WEIGHTS))
+    assert any(not torch.equal(trained[k], v) for k, v in initial.state_dict().items())
+
+
+def test_output_pipeline_loads_and_runs(resumable_runs):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(resumable_runs["interrupted"]))
+    assert pipeline.unet.config.mid_block_type is None  # the bk_small student, not the teacher
+    images = pipeline("a violin on a stage", num_inference_steps=2, output_type="np",
+                      generator=torch.manual_seed(0)).images
+    assert images.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(images)).all()
+
+
+def test_aria_outputs(resumable_runs):
+    report = json.load(open(resumable_runs["interrupted"] / "aria_regions.json"))
+    assert report["num_regions"] == 4 and len(report["regions"]) == 4
+    assert abs(sum(r["probability"] for r in report["regions"]) - 1.0) < 1e-9
+    assert sum(r["size"] for r in report["regions"]) > 0 and all(r["representatives"] for r in report["regions"])
+    assert (resumable_runs["interrupted"] / "aria_regions.png").is_file()
+    args = json.load(open(resumable_runs["interrupted"] / "training_args.json"))
+    assert "hub_token" not in args
+
+
+def test_v_prediction_teacher(assets, tmp_path):
+    from aria_utils.tiny_teacher import save_tiny_teacher
+
+    teacher = str(tmp_path / "v-teacher")
+    save_tiny_teacher(teacher, seed=1, prediction_type="v_prediction")
+    v_assets = dict(assets, teacher=teacher)
+    run(training_command(v_assets, tmp_path / "out", "--checkpointing_steps", "100", steps=2))
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(tmp_path / "out"))
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_image_folder_is_encoded_once_and_cached(assets, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rows = []
+    for index in range(6):
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+            folder / f"{index}.png")
+        rows.append(json.dumps({"file_name": f"{index}.png", "text": f"a photo of thing {index}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows))
+    image_assets = dict(assets, teacher_data=str(folder))
+    output = tmp_path / "out"
+    run(training_command(image_assets, output, "--checkpointing_steps", "100", steps=2, sampling="paired"))
+    caches = os.listdir(output / "latent_cache")
+    assert len(caches) == 1
+    second = run(training_command(image_assets, output, "--checkpointing_steps", "100", steps=2, sampling="paired"))
+    assert "Reusing VAE latents" in second.stderr
