@@ -13,6 +13,7 @@ teacher. See README.md and METHOD.md-style notes in aria_utils/.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -142,6 +143,12 @@ def build_parser():
                         help="Validation images and region heat map every this many steps.")
     parser.add_argument("--validation_inference_steps", type=int, default=25)
     parser.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    parser.add_argument("--eval_prompt_file", default=None,
+                        help="Held-out prompts (same formats as --prompt_file) for the region-aware evaluation.")
+    parser.add_argument("--eval_steps", type=int, default=None,
+                        help="Run the region-aware evaluation every this many steps and log it (main process).")
+    parser.add_argument("--eval_max_prompts", type=int, default=64)
+    parser.add_argument("--eval_num_timesteps", type=int, default=5)
     parser.add_argument("--debug_process_states", action="store_true",
                         help="At the end every process writes process_states/rank_<i>.json (tracker, weight and "
                              "drawn-condition digests) to check data-parallel consistency.")
@@ -181,6 +188,10 @@ def validate_args(args, parser):
         parser.error(f"--prompt_file {args.prompt_file!r} does not exist.")
     if args.num_regions < 1:
         parser.error("--num_regions must be at least 1.")
+    if args.eval_steps is not None and args.eval_prompt_file is None:
+        parser.error("--eval_steps needs --eval_prompt_file (held-out prompts).")
+    if args.eval_prompt_file is not None and not os.path.isfile(args.eval_prompt_file):
+        parser.error(f"--eval_prompt_file {args.eval_prompt_file!r} does not exist.")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1.")
@@ -440,6 +451,19 @@ def main(args):
                               resolution, args.seed, args.validation_inference_steps, args.validation_guidance_scale,
                               args.output_dir, accelerator.device)
 
+    periodic_evaluation = None
+    if args.eval_steps is not None and accelerator.is_main_process:
+        from aria_utils.evaluation import PeriodicEvaluation
+
+        eval_prompts = load_prompt_corpus(args.eval_prompt_file, None, args.prompt_column).prompts[: args.eval_max_prompts]
+        eval_regions = (region_index.assign_prompts(eval_prompts, corpus.prompts, accelerator=accelerator)
+                        if region_index is not None else np.zeros(len(eval_prompts), dtype=np.int64))
+        periodic_evaluation = PeriodicEvaluation(
+            teacher_unet, text_encoder, tokenizer, noise_scheduler, vae, eval_prompts, eval_regions,
+            num_regions=region_index.num_regions if region_index is not None else 1,
+            num_timesteps=args.eval_num_timesteps, seed=args.seed, device=accelerator.device, dtype=weight_dtype,
+            batch_size=args.train_batch_size, output_dir=args.output_dir)
+
     logger.info("***** Running distillation *****")
     logger.info("  Paired latents = %d, condition corpus = %s, sampling = %s", len(paired),
                 len(corpus) if corpus is not None else 0, args.condition_sampling)
@@ -454,16 +478,24 @@ def main(args):
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
 
+    @contextlib.contextmanager
+    def ema_weights_applied():
+        """Validation and evaluation look at the EMA weights when there are any."""
+        model = accelerator.unwrap_model(student)
+        if ema_student is not None:
+            ema_student.store(model.parameters())
+            ema_student.copy_to(model.parameters())
+        try:
+            yield
+        finally:
+            if ema_student is not None:
+                ema_student.restore(model.parameters())
+
     def validate_and_plot(step):
         """Main process only, and free of collectives: the other processes do not wait here."""
         if validator is not None:
-            model = accelerator.unwrap_model(student)
-            if ema_student is not None:
-                ema_student.store(model.parameters())
-                ema_student.copy_to(model.parameters())
-            validator.run(model, step, accelerator.trackers)
-            if ema_student is not None:
-                ema_student.restore(model.parameters())
+            with ema_weights_applied():
+                validator.run(accelerator.unwrap_model(student), step, accelerator.trackers)
         if tracker is not None and region_history:
             image = region_heatmap(region_history, os.path.join(args.output_dir, "aria_regions.png"))
             for run_tracker in accelerator.trackers:
@@ -565,6 +597,14 @@ def main(args):
                     region_logs[f"aria/visits/region_{region:02d}"] = int(tracker.visits[region])
                 accelerator.log(region_logs, step=global_step)
             validate_and_plot(global_step)
+        if periodic_evaluation is not None and global_step % args.eval_steps == 0:
+            with ema_weights_applied():
+                eval_logs, eval_image = periodic_evaluation.run(accelerator.unwrap_model(student), global_step)
+            accelerator.log(eval_logs, step=global_step)
+            for run_tracker in accelerator.trackers:
+                if run_tracker.name == "tensorboard":
+                    run_tracker.writer.add_image("eval/discrepancy_per_region", eval_image, global_step,
+                                                 dataformats="HWC")
 
         # Every process must agree to stop at the same step: checkpointing is collective.
         stop_now = not all_processes_agree(accelerator, not preemption.requested)

@@ -43,3 +43,24 @@ def region_heatmap(region_history, path=None, max_columns=200):
         figure.savefig(path, dpi=100)
     plt.close(figure)
     return image
+
+
+def region_bar_chart(per_region_means, title, path=None):
+    """Bar chart of one value per region; returns the RGB image, saves a PNG when `path` is given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regions = sorted(per_region_means)
+    figure, axis = plt.subplots(figsize=(max(5, 0.5 * len(regions) + 2), 3.5))
+    axis.bar([str(k) for k in regions], [per_region_means[k] for k in regions], color="tab:purple")
+    axis.set_xlabel("region")
+    axis.set_ylabel("teacher-student noise MSE")
+    axis.set_title(title)
+    figure.tight_layout()
+    image = _figure_to_array(figure)
+    if path is not None:
+        figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return image

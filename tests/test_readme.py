@@ -27,7 +27,7 @@ def test_demo_command_runs_end_to_end(tmp_path):
     """README command 1, shortened: every stage runs offline and the student pipeline loads and generates."""
     output = tmp_path / "demo"
     result = run(["bash", os.path.join(REPO_ROOT, "examples", "demo.sh"), str(output), "--max_train_steps", "6",
-                  "--validation_steps", "3", "--checkpointing_steps", "3"], env={"VENV_PYTHON": sys.executable})
+                  "--validation_steps", "3", "--checkpointing_steps", "3"])
     assert "loads and generates" in result.stdout
     assert (output / "student" / "aria_regions.json").is_file()
     assert (output / "student" / "demo_sample.png").is_file()

@@ -1,0 +1,153 @@
+"""Region-aware evaluation on the tiny teacher (issue acceptance: exact zero, determinism, training helps)."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aria_utils.evaluate import main as evaluate_cli
+from aria_utils.evaluate import parse_args, run_evaluation
+from aria_utils.evaluation import EvaluationError
+from conftest import run, training_command
+
+NUM_REGIONS = 3
+
+
+@pytest.fixture(scope="module")
+def eval_assets(assets, tmp_path_factory):
+    from diffusers import UNet2DConditionModel
+
+    from aria_utils.regions import build_or_load_region_index
+    from aria_utils.students import build_student
+
+    root = tmp_path_factory.mktemp("evaluation")
+    with open(assets["prompts"], encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    corpus = [row["prompt"] for row in rows]
+    regions = str(root / "regions")
+    build_or_load_region_index(corpus, regions, num_regions=NUM_REGIONS, seed=0)
+    # Held-out prompts: corpus prompts that are not in the paired set.
+    paired = {json.loads(line)["caption"] for line in open(os.path.join(assets["teacher_data"], "metadata.jsonl"))}
+    heldout = root / "heldout.csv"
+    with open(heldout, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prompt", "category"])
+        writer.writerows([(r["prompt"], r["category"]) for r in rows if r["prompt"] not in paired][:9])
+    untrained = root / "untrained"
+    build_student(UNet2DConditionModel.from_pretrained(assets["teacher"], subfolder="unet"), "bk_small") \
+        .save_pretrained(str(untrained / "unet"))
+    trained = root / "trained"
+    run(training_command(assets, trained, "--checkpointing_steps", "1000", "--lambda_sd", "0",
+                         sampling="paired", steps=40))
+    return {"root": root, "regions": regions, "heldout": str(heldout), "untrained": str(untrained),
+            "trained": str(trained), "teacher": assets["teacher"], "paired": assets["teacher_data"]}
+
+
+def evaluate(eval_assets, output, *students, extra=()):
+    argv = ["--teacher", eval_assets["teacher"], "--prompt_file", eval_assets["heldout"], "--category_column",
+            "category", "--region_cache_dir", eval_assets["regions"], "--output_dir", str(output),
+            "--num_timesteps", "3", "--num_inference_steps", "3", "--num_sample_prompts_per_region", "1",
+            "--paired_data_dir", eval_assets["paired"], *extra]
+    for student in students:
+        argv += ["--student", student]
+    return run_evaluation(parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def comparison(eval_assets):
+    output = eval_assets["root"] / "comparison"
+    report = evaluate(eval_assets, output, f"teacher={eval_assets['teacher']}",
+                      f"untrained={eval_assets['untrained']}", f"trained={eval_assets['trained']}")
+    return output, report
+
+
+def test_teacher_against_itself_is_exactly_zero(comparison):
+    _, report = comparison
+    teacher = report["students"]["teacher"]
+    assert teacher["discrepancy"]["mean"] == 0.0
+    assert all(v["mean"] == 0.0 for v in teacher["discrepancy"]["per_region"].values())
+    assert teacher["samples"]["latent_mse"] == 0.0
+
+
+def test_evaluation_is_deterministic(eval_assets, comparison):
+    _, first = comparison
+    again = evaluate(eval_assets, eval_assets["root"] / "again", f"untrained={eval_assets['untrained']}")
+    assert again["students"]["untrained"]["discrepancy"] == first["students"]["untrained"]["discrepancy"]
+    assert again["students"]["untrained"]["samples"] == first["students"]["untrained"]["samples"]
+
+
+def test_training_lowers_discrepancy_where_it_trained(comparison):
+    _, report = comparison
+    untrained = report["students"]["untrained"]["discrepancy"]["per_region"]
+    trained = report["students"]["trained"]["discrepancy"]["per_region"]
+    assert untrained["0"]["mean"] > 0
+    # Every region holds paired training prompts here (see the 'seen' labels), and each improved.
+    seen = [str(r["region"]) for r in report["regions"] if "seen" in r["labels"]]
+    assert seen
+    for region in seen:
+        if region in trained:
+            assert trained[region]["mean"] < untrained[region]["mean"], region
+
+
+def test_report_files(comparison):
+    output, report = comparison
+    parsed = json.load(open(output / "report.json"))
+    assert parsed["noise_seeds"] == [0] and "torch" in parsed["versions"] and "aria_utils.evaluate" in parsed["command"]
+    markdown = (output / "report.md").read_text()
+    for region in range(NUM_REGIONS):
+        assert any(line.startswith(f"| {region} |") for line in markdown.splitlines()), region
+    # One table with every student side by side.
+    assert any(all(name in line for name in ("teacher", "untrained", "trained")) for line in markdown.splitlines())
+    assert "per_category" in parsed["students"]["trained"]["discrepancy"]
+    for name in ("discrepancy_per_region.png", "discrepancy_per_group.png"):
+        with Image.open(output / name) as image:
+            assert image.size[0] >= 400 and image.size[1] >= 300
+    with Image.open(output / "samples_trained.png") as grid:
+        # Teacher row over student row of 32 px images, one column per sampled prompt.
+        assert grid.size == (32 * NUM_REGIONS, 64)
+
+
+def test_clip_score_skipped_with_reason(comparison, capsys):
+    _, report = comparison
+    assert report["clip_note"].startswith("skipped")
+
+
+def test_missing_prompt_file(eval_assets, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--teacher", eval_assets["teacher"], "--student", eval_assets["untrained"], "--prompt_file",
+                    "/no/such/file.csv", "--region_cache_dir", eval_assets["regions"], "--output_dir", "/tmp/x"])
+    assert "--prompt_file" in capsys.readouterr().err
+
+
+def test_incompatible_student(eval_assets, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    teacher = UNet2DConditionModel.from_pretrained(eval_assets["teacher"], subfolder="unet")
+    wrong = UNet2DConditionModel.from_config(dict(teacher.config, cross_attention_dim=48))
+    wrong.save_pretrained(str(tmp_path / "wrong" / "unet"))
+    with pytest.raises(EvaluationError, match="--student wrong.*cross_attention_dim=48"):
+        evaluate(eval_assets, tmp_path / "out", f"wrong={tmp_path / 'wrong'}")
+
+
+def test_region_cache_from_another_embedding_model(eval_assets, tmp_path):
+    with pytest.raises(SystemExit, match="built with"):
+        evaluate_cli(["--teacher", eval_assets["teacher"], "--student", eval_assets["untrained"], "--prompt_file",
+                      eval_assets["heldout"], "--region_cache_dir", eval_assets["regions"], "--output_dir",
+                      str(tmp_path), "--region_embedding_model", "sentence-transformers/all-mpnet-base-v2"])
+
+
+def test_training_logs_periodic_evaluation(assets, eval_assets, tmp_path):
+    output = tmp_path / "run"
+    run(training_command(assets, output, "--checkpointing_steps", "100", "--eval_prompt_file", eval_assets["heldout"],
+                         "--eval_steps", "2", "--eval_num_timesteps", "2", "--report_to", "tensorboard", steps=4))
+    assert sorted(os.listdir(output / "eval")) == ["step-2.png", "step-4.png"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "logs" / "aria-distill"))
+    events.Reload()
+    assert "eval/discrepancy_mean" in events.Tags()["scalars"]
+    assert "eval/discrepancy_per_region" in events.Tags()["images"]
+    assert [e.step for e in events.Scalars("eval/discrepancy_mean")] == [2, 4]
