@@ -87,6 +87,8 @@ def build_parser():
                         help="Sentence-transformer for the regions: hub id or local path.")
     parser.add_argument("--region_embedding_batch_size", type=int, default=128)
     parser.add_argument("--region_cache_dir", default=None, help="Region index cache; default: OUTPUT_DIR/regions.")
+    parser.add_argument("--region_seed", type=int, default=0,
+                        help="k-means seed. Separate from --seed so runs with different seeds share one region index.")
     parser.add_argument("--track_regions", action="store_true",
                         help="Track per-region discrepancy also for paired/random/region_uniform (for comparisons).")
     parser.add_argument("--aria_ema_decay", type=float, default=0.9,
@@ -234,6 +236,21 @@ def all_processes_agree(accelerator, flag):
     return bool(flags.min().item() > 0)
 
 
+def write_train_summary(path, step_times, tracker_times, total_batch_size, global_step, nonfinite_skipped):
+    """Throughput of this run's steps (the first few are excluded as warm-up), and ARIA's share of it."""
+    skip = min(3, max(0, len(step_times) - 1))
+    steady_steps, steady_tracker = np.asarray(step_times[skip:]), np.asarray(tracker_times[skip:])
+    summary = {"global_step": global_step, "steps_timed": int(len(steady_steps)),
+               "nonfinite_skipped": nonfinite_skipped}
+    if len(steady_steps):
+        summary.update(mean_step_time=float(steady_steps.mean()), median_step_time=float(np.median(steady_steps)),
+                       samples_per_second=float(total_batch_size / steady_steps.mean()),
+                       mean_tracker_time=float(steady_tracker.mean()),
+                       tracker_fraction=float(steady_tracker.sum() / steady_steps.sum()))
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+
+
 def write_process_state(output_dir, accelerator, student, tracker, conditions_digest):
     weights = hashlib.sha256()
     for name, tensor in sorted(accelerator.unwrap_model(student).state_dict().items()):
@@ -269,7 +286,7 @@ def main(args):
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import AutoModel, AutoTokenizer
 
     from aria_utils.plots import region_heatmap
     from aria_utils.tracker import RegionTracker
@@ -317,18 +334,19 @@ def main(args):
 
         region_index = build_or_load_region_index(
             corpus.prompts, cache_dir=args.region_cache_dir or os.path.join(args.output_dir, "regions"),
-            model_name=args.region_embedding_model, num_regions=args.num_regions, seed=args.seed,
+            model_name=args.region_embedding_model, num_regions=args.num_regions, seed=args.region_seed,
             batch_size=args.region_embedding_batch_size, accelerator=accelerator,
         )
 
     # ---------------------------------------------------------------- Models
     load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     teacher_path = args.pretrained_model_name_or_path
-    tokenizer = CLIPTokenizer.from_pretrained(teacher_path, subfolder="tokenizer", revision=args.revision,
+    # Auto classes resolve to CLIPTokenizerFast / CLIPTextModel for SD-1.x/2.x checkpoints.
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path, subfolder="tokenizer", revision=args.revision,
                                               cache_dir=args.cache_dir)
     noise_scheduler = DDPMScheduler.from_pretrained(teacher_path, subfolder="scheduler", revision=args.revision,
                                                     cache_dir=args.cache_dir)
-    text_encoder = CLIPTextModel.from_pretrained(teacher_path, subfolder="text_encoder", **load_kwargs)
+    text_encoder = AutoModel.from_pretrained(teacher_path, subfolder="text_encoder", **load_kwargs)
     vae = AutoencoderKL.from_pretrained(teacher_path, subfolder="vae", **load_kwargs)
     teacher_unet = UNet2DConditionModel.from_pretrained(teacher_path, subfolder="unet", **load_kwargs)
     for frozen in (text_encoder, vae, teacher_unet):
@@ -502,11 +520,15 @@ def main(args):
                 if run_tracker.name == "tensorboard":
                     run_tracker.writer.add_image("aria/region_discrepancy_heatmap", image, step, dataformats="HWC")
 
+    step_times, tracker_times = [], []
     while global_step < max_train_steps:
         step_start = time.perf_counter()
+        tracker_time = 0.0  # ARIA's own cost: allocation, statistics, update
         region_probabilities = None
         if sampler is not None and args.condition_sampling != "paired":
+            tick = time.perf_counter()
             region_probabilities = sampler.region_distribution(args.condition_sampling, tracker)
+            tracker_time += time.perf_counter() - tick
         step_statistics = None
         logs = {"loss": 0.0, "loss/task": 0.0, "loss/kd_output": 0.0, "loss/kd_feat": 0.0, "random_fraction": 0.0}
         locally_finite = step_is_finite = True
@@ -555,9 +577,11 @@ def main(args):
                     optimizer.zero_grad(set_to_none=True)
 
             if tracker is not None:
+                tick = time.perf_counter()
                 micro_statistics = tracker.step_statistics(conditions.region_ids, losses.per_sample_kd_output.cpu(),
                                                            timesteps.cpu())
                 step_statistics = micro_statistics if step_statistics is None else step_statistics + micro_statistics
+                tracker_time += time.perf_counter() - tick
             logs["loss"] += losses.loss.item() / args.gradient_accumulation_steps
             logs["loss/task"] += losses.task.item() / args.gradient_accumulation_steps
             logs["loss/kd_output"] += losses.kd_output.item() / args.gradient_accumulation_steps
@@ -573,18 +597,24 @@ def main(args):
                 raise SystemExit(f"Stopped on a non-finite loss at step {global_step} (--on_nonfinite stop); "
                                  f"the last good state is in checkpoint-{global_step}.")
         if tracker is not None and step_is_finite:
+            tick = time.perf_counter()
             tracker.update_from_statistics(accelerator.reduce(step_statistics.to(accelerator.device), "sum").cpu())
+            tracker_time += time.perf_counter() - tick
         if ema_student is not None and step_is_finite:
             ema_student.step(accelerator.unwrap_model(student).parameters())
         global_step += 1
         progress_bar.update(1)
 
-        step_time = time.perf_counter() - step_start
-        logs.update({"lr": lr_scheduler.get_last_lr()[0], "step_time": step_time,
-                     "samples_per_second": total_batch_size / step_time, "nonfinite_skipped": nonfinite_skipped})
         if tracker is not None:
+            tick = time.perf_counter()
             estimates, probabilities = tracker.estimates(), tracker.probabilities()
             region_history.append((global_step, estimates.tolist(), probabilities.tolist()))
+            tracker_time += time.perf_counter() - tick
+        step_time = time.perf_counter() - step_start
+        step_times.append(step_time)
+        tracker_times.append(tracker_time)
+        logs.update({"lr": lr_scheduler.get_last_lr()[0], "step_time": step_time, "tracker_time": tracker_time,
+                     "samples_per_second": total_batch_size / step_time, "nonfinite_skipped": nonfinite_skipped})
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}")
         accelerator.log(logs, step=global_step)
 
@@ -634,6 +664,8 @@ def main(args):
             validate_and_plot(global_step)
         with open(os.path.join(args.output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
             json.dump(public_args(args), handle, indent=2)
+        write_train_summary(os.path.join(args.output_dir, "train_summary.json"), step_times, tracker_times,
+                            total_batch_size, global_step, nonfinite_skipped)
         logger.info("Student pipeline saved to %s", args.output_dir)
     student_features.remove()
     teacher_features.remove()

@@ -217,7 +217,7 @@ def save_sample_grid(path, teacher_images, student_images):
 
 def run_evaluation(args):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import AutoModel, AutoTokenizer
 
     from aria_utils.paired_data import load_paired_latents
     from aria_utils.prompts import load_prompt_corpus
@@ -245,9 +245,9 @@ def run_evaluation(args):
         check_compatible(teacher_unet, unet, name)
     for model in [teacher_unet, *students.values()]:
         model.to(device, dtype).eval().requires_grad_(False)
-    text_encoder = CLIPTextModel.from_pretrained(args.teacher, subfolder="text_encoder").to(device, dtype).eval()
+    text_encoder = AutoModel.from_pretrained(args.teacher, subfolder="text_encoder").to(device, dtype).eval()
     vae = AutoencoderKL.from_pretrained(args.teacher, subfolder="vae").to(device, dtype).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(args.teacher, subfolder="tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher, subfolder="tokenizer")
     scheduler = DDPMScheduler.from_pretrained(args.teacher, subfolder="scheduler")
 
     region_ids = index.assign_prompts(prompts)

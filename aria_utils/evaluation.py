@@ -269,6 +269,16 @@ class PeriodicEvaluation:
             logs[f"eval/discrepancy/region_{region:02d}"] = value["mean"]
         means = {region: value["mean"] for region, value in summary["per_region"].items()}
         os.makedirs(os.path.join(self.output_dir, "eval"), exist_ok=True)
+        self._append_history(os.path.join(self.output_dir, "eval", "history.jsonl"), step, summary)
         image = region_bar_chart(means, f"held-out discrepancy, step {step}",
                                  os.path.join(self.output_dir, "eval", f"step-{step}.png"))
         return logs, image
+
+    @staticmethod
+    def _append_history(path, step, summary):
+        import json
+
+        record = {"step": step, "mean": summary["mean"], "worst_region_mean": summary["worst_region_mean"],
+                  "per_region": {str(k): v["mean"] for k, v in summary["per_region"].items()}}
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
