@@ -218,6 +218,15 @@ def uses_regions(args):
     return args.condition_sampling in ("region_uniform", "aria") or args.track_regions
 
 
+def check_process_group(accelerator):
+    """Refuse N launched processes that each believe they are alone: they would all train rank 0's batches."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise SystemExit(
+            f"{launched} processes were launched but Accelerate sees a single one, so each would train alone. "
+            "On CPU launch with ACCELERATE_USE_CPU=1 (see examples/accelerate_configs/cpu_two_processes.yaml).")
+
+
 def check_mixed_precision(accelerator):
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise SystemExit("--mixed_precision fp16 needs a GPU: on CPU it would silently run in fp32. "
@@ -301,6 +310,7 @@ def main(args):
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
     check_mixed_precision(accelerator)
+    check_process_group(accelerator)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         logging.getLogger().setLevel(logging.WARNING)

@@ -116,11 +116,19 @@ class StudentCheckpointHooks:
         self.accelerator.register_load_state_pre_hook(self.load_model_hook)
 
     def save_model_hook(self, models, weights, output_dir):
-        if self.accelerator.is_main_process:
-            if self.ema_model is not None:
-                self.ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
-            for model in models:
-                self.accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
+        from safetensors.torch import save_file
+
+        for model in models:
+            # A collective under FSDP / DeepSpeed ZeRO-3 (the full state dict is gathered), so every
+            # process calls it; only the main process writes.
+            state_dict = self.accelerator.get_state_dict(model)
+            if self.accelerator.is_main_process:
+                directory = os.path.join(output_dir, "unet")
+                self.accelerator.unwrap_model(model).save_config(directory)
+                save_file({key: value.contiguous() for key, value in state_dict.items()},
+                          os.path.join(directory, "diffusion_pytorch_model.safetensors"))
+        if self.accelerator.is_main_process and self.ema_model is not None:
+            self.ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
         # Accelerate must not also write its own copy of the weights.
         while weights:
             weights.pop()

@@ -1,0 +1,164 @@
+"""Preemption, kills during checkpoint writes, non-finite losses, and exact resume with two processes."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from aria_utils.checkpointing import TRAINING_STATE_FILE, complete_checkpoints, resolve_resume_checkpoint
+from conftest import REPO_ROOT, run, training_command
+
+UNET_WEIGHTS = os.path.join("unet", "diffusion_pytorch_model.safetensors")
+
+
+def start(command, log_path):
+    handle = open(log_path, "w")
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env), handle
+
+
+def wait_for_step(log_path, process, minimum_step, total, timeout=180):
+    """Block until the progress bar shows at least `minimum_step` finished steps."""
+    deadline = time.time() + timeout
+    pattern = re.compile(rf"(\d+)/{total} ")
+    while time.time() < deadline:
+        steps = [int(m) for m in pattern.findall(open(log_path, errors="replace").read())]
+        if steps and max(steps) >= minimum_step:
+            return max(steps)
+        if process.poll() is not None:
+            raise AssertionError(f"Run ended early:\n{open(log_path).read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("Run did not reach the step in time")
+
+
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(assets, tmp_path):
+    steps = 30
+    interrupted = tmp_path / "interrupted"
+    command = training_command(assets, interrupted, "--checkpointing_steps", "1000", steps=steps)
+    process, handle = start(command, tmp_path / "run.log")
+    wait_for_step(tmp_path / "run.log", process, 3, steps)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0, open(tmp_path / "run.log").read()[-3000:]
+    handle.close()
+    log = open(tmp_path / "run.log").read()
+    assert "Preempted: checkpoint-" in log
+    checkpoints = complete_checkpoints(str(interrupted))
+    assert len(checkpoints) == 1 and 3 <= checkpoints[0][0] < steps
+    assert not (interrupted / "model_index.json").exists()  # it stopped before the end
+
+    run(command + ["--resume_from_checkpoint", "latest"])
+    straight = tmp_path / "straight"
+    run(training_command(assets, straight, "--checkpointing_steps", "1000", steps=steps))
+    resumed_weights, straight_weights = load_file(str(interrupted / UNET_WEIGHTS)), load_file(str(straight / UNET_WEIGHTS))
+    assert all(torch.equal(resumed_weights[k], straight_weights[k]) for k in straight_weights)
+
+
+@pytest.mark.parametrize("delay_steps", [2, 5])
+def test_kill_9_while_checkpointing_leaves_no_selectable_half_checkpoint(assets, tmp_path, delay_steps):
+    # A checkpoint every step: writing is a large share of the run, so SIGKILL often lands mid-write.
+    steps = 40
+    output = tmp_path / "out"
+    command = training_command(assets, output, "--checkpointing_steps", "1", steps=steps)
+    process, handle = start(command, tmp_path / "run.log")
+    wait_for_step(tmp_path / "run.log", process, delay_steps, steps)
+    time.sleep(0.13 * delay_steps)  # land somewhere inside a step or a write
+    process.kill()
+    process.wait()
+    handle.close()
+    for step, path in complete_checkpoints(str(output)):
+        assert os.path.isfile(os.path.join(path, UNET_WEIGHTS)) and os.path.isfile(os.path.join(path, "optimizer.bin"))
+        state = json.load(open(os.path.join(path, TRAINING_STATE_FILE)))
+        assert state["global_step"] == step
+    latest = resolve_resume_checkpoint(str(output), "latest")
+    assert latest is None or os.path.basename(latest).startswith("checkpoint-")
+    # Whatever the kill left behind, resuming from latest completes the run.
+    run(command + ["--resume_from_checkpoint", "latest"])
+    assert (output / "model_index.json").is_file()
+    assert not [name for name in os.listdir(output) if name.startswith(".incomplete-")]
+
+
+def test_half_written_checkpoint_is_never_latest(tmp_path):
+    good = tmp_path / "checkpoint-6"
+    good.mkdir()
+    (good / TRAINING_STATE_FILE).write_text("{}")
+    (tmp_path / "checkpoint-8").mkdir()  # no training_state.json: incomplete
+    (tmp_path / ".incomplete-checkpoint-10").mkdir()
+    assert resolve_resume_checkpoint(str(tmp_path), "latest") == str(good)
+
+
+@pytest.fixture(scope="module")
+def nan_teacher(assets, tmp_path_factory):
+    """The tiny teacher with a NaN in its mid block: bk_small has no mid block, so its student stays finite."""
+    import shutil
+
+    teacher = tmp_path_factory.mktemp("nan") / "teacher"
+    shutil.copytree(assets["teacher"], teacher)
+    weights_path = teacher / UNET_WEIGHTS
+    weights = load_file(str(weights_path))
+    key = next(k for k in weights if k.startswith("mid_block.") and k.endswith("weight"))
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    save_file(weights, str(weights_path))
+    return str(teacher)
+
+
+def test_nonfinite_skip_counts_and_keeps_weights(assets, nan_teacher, tmp_path):
+    output = tmp_path / "skip"
+    run(training_command(dict(assets, teacher=nan_teacher), output, "--checkpointing_steps", "1000",
+                         "--on_nonfinite", "skip", steps=3))
+    summary = json.load(open(output / "train_summary.json"))
+    assert summary["nonfinite_skipped"] == 3
+    from diffusers import UNet2DConditionModel
+
+    from aria_utils.students import build_student
+
+    initial = build_student(UNet2DConditionModel.from_pretrained(nan_teacher, subfolder="unet"), "bk_small")
+    final = load_file(str(output / UNET_WEIGHTS))
+    assert all(torch.equal(final[k], v) for k, v in initial.state_dict().items())
+
+
+def test_nonfinite_stop_writes_last_good_checkpoint(assets, nan_teacher, tmp_path):
+    output = tmp_path / "stop"
+    result = run(training_command(dict(assets, teacher=nan_teacher), output, "--checkpointing_steps", "1000",
+                                  "--on_nonfinite", "stop", steps=3), expect_success=False)
+    assert result.returncode != 0
+    assert "Stopped on a non-finite loss at step 0" in result.stderr
+    assert [step for step, _ in complete_checkpoints(str(output))] == [0]
+
+
+def test_two_process_resume_is_bit_identical(assets, tmp_path):
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    config = os.path.join(REPO_ROOT, "examples", "accelerate_configs", "cpu_two_processes.yaml")
+    launch = [accelerate, "launch", "--config_file", config, "--num_cpu_threads_per_process", "1"]
+
+    def command(output, steps, *extra):
+        return launch + training_command(assets, output, "--num_regions", "3", "--aria_warmup_steps", "1",
+                                         "--checkpointing_steps", "2", "--debug_process_states", *extra,
+                                         sampling="aria", steps=steps)[1:]
+
+    cpu = {"ACCELERATE_USE_CPU": "1"}
+    run(command(tmp_path / "interrupted", 2), env=cpu)
+    run(command(tmp_path / "interrupted", 4, "--resume_from_checkpoint", "latest"), env=cpu)
+    run(command(tmp_path / "straight", 4), env=cpu)
+    for rank in (0, 1):
+        resumed = json.load(open(tmp_path / "interrupted" / "process_states" / f"rank_{rank}.json"))
+        straight = json.load(open(tmp_path / "straight" / "process_states" / f"rank_{rank}.json"))
+        assert resumed["student_sha256"] == straight["student_sha256"]
+        assert resumed["tracker"] == straight["tracker"]
+
+
+def test_processes_that_do_not_see_each_other_are_refused(assets, tmp_path):
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    config = os.path.join(REPO_ROOT, "examples", "accelerate_configs", "cpu_two_processes.yaml")
+    env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    result = subprocess.run([accelerate, "launch", "--config_file", config]
+                            + training_command(assets, tmp_path / "out", sampling="random", steps=2)[1:],
+                            capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)
+    assert result.returncode != 0
+    assert "Accelerate sees a single one" in result.stderr and "ACCELERATE_USE_CPU=1" in result.stderr
