@@ -20,12 +20,14 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 
 import numpy as np
 import torch
 
 from aria_utils import checkpointing, conditioning, students
+from aria_utils.lora import trainable_parameters
 from aria_utils.losses import DistillationLoss, FeatureRecorder
 from aria_utils.paired_data import (
     PairedDataError,
@@ -131,6 +133,22 @@ def build_parser():
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                         help="Default: Accelerate's config. fp16 needs a GPU.")
     parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    parser.add_argument("--teacher_quantization", choices=["none", "8bit", "4bit"], default="none",
+                        help="Load the frozen teacher UNet and text encoder with bitsandbytes (GPU only).")
+    # ----- LoRA students -----
+    parser.add_argument("--use_lora", action="store_true", help="Train a LoRA adapter on the student instead of all weights.")
+    parser.add_argument("--lora_rank", type=int, default=16)
+    parser.add_argument("--lora_alpha", type=float, default=16)
+    parser.add_argument("--lora_target_modules", nargs="+", default=["to_k", "to_q", "to_v", "to_out.0"])
+    parser.add_argument("--lora_merge", action="store_true",
+                        help="Write the student with the adapter fused into its weights instead of a separate LoRA file.")
+    # ----- Hugging Face Hub -----
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload OUTPUT_DIR (without checkpoints) at the end.")
+    parser.add_argument("--hub_model_id", default=None, help="Repo id; default: the name of --output_dir.")
+    parser.add_argument("--hub_token", default=None, help="Never logged or saved; prefer `hf auth login`.")
+    parser.add_argument("--hub_private", action="store_true")
+    parser.add_argument("--hub_push_checkpoints", action="store_true",
+                        help="Also push the student UNet at every checkpoint, in the background.")
     parser.add_argument("--on_nonfinite", choices=["skip", "stop"], default="skip",
                         help="A non-finite loss skips the update (counted and logged) or stops with a checkpoint.")
     # ----- logging, checkpoints, validation -----
@@ -190,6 +208,13 @@ def validate_args(args, parser):
         parser.error(f"--prompt_file {args.prompt_file!r} does not exist.")
     if args.num_regions < 1:
         parser.error("--num_regions must be at least 1.")
+    if args.use_lora and args.use_ema:
+        parser.error("--use_ema with --use_lora is not supported yet: drop --use_ema (the adapter is small and "
+                     "trained at a steady lr) or train without --use_lora.")
+    if args.lora_merge and not args.use_lora:
+        parser.error("--lora_merge needs --use_lora.")
+    if args.hub_push_checkpoints and not args.push_to_hub:
+        parser.error("--hub_push_checkpoints needs --push_to_hub.")
     if args.eval_steps is not None and args.eval_prompt_file is None:
         parser.error("--eval_steps needs --eval_prompt_file (held-out prompts).")
     if args.eval_prompt_file is not None and not os.path.isfile(args.eval_prompt_file):
@@ -218,6 +243,45 @@ def uses_regions(args):
     return args.condition_sampling in ("region_uniform", "aria") or args.track_regions
 
 
+def load_quantized_teacher(teacher_path, mode, compute_dtype, load_kwargs):
+    """Teacher UNet and text encoder through bitsandbytes (GPU only; checked at start)."""
+    from diffusers import BitsAndBytesConfig as DiffusersBitsAndBytesConfig
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoModel
+    from transformers import BitsAndBytesConfig as TransformersBitsAndBytesConfig
+
+    options = ({"load_in_8bit": True} if mode == "8bit" else
+               {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": compute_dtype})
+    unet = UNet2DConditionModel.from_pretrained(teacher_path, subfolder="unet",
+                                                quantization_config=DiffusersBitsAndBytesConfig(**options),
+                                                torch_dtype=compute_dtype, **load_kwargs)
+    text_encoder = AutoModel.from_pretrained(teacher_path, subfolder="text_encoder",
+                                             quantization_config=TransformersBitsAndBytesConfig(**options),
+                                             **load_kwargs)
+    for model in (unet, text_encoder):
+        model.requires_grad_(False)
+        model.eval()
+    return unet, text_encoder
+
+
+def memory_report(teacher_unet, text_encoder, student, use_8bit_adam):
+    """Parameter and optimizer-state memory, so a user sees what will not fit before it fails."""
+    def size(module, trainable_only=False):
+        parameters = [p for p in module.parameters() if p.requires_grad or not trainable_only]
+        return sum(p.numel() for p in parameters), sum(p.numel() * p.element_size() for p in parameters)
+
+    teacher_count, teacher_bytes = size(teacher_unet)
+    _, text_bytes = size(text_encoder)
+    student_count, student_bytes = size(student)
+    trainable_count, _ = size(student, trainable_only=True)
+    optimizer_bytes = trainable_count * (2 if use_8bit_adam else 8)  # two moments, 1 or 4 bytes each
+    gib = 1024 ** 3
+    return (f"Memory: teacher UNet {teacher_count / 1e6:.1f}M params {teacher_bytes / gib:.2f} GiB, text encoder "
+            f"{text_bytes / gib:.2f} GiB; student {student_count / 1e6:.1f}M params {student_bytes / gib:.2f} GiB, "
+            f"{trainable_count / 1e6:.2f}M trainable; optimizer state {optimizer_bytes / gib:.2f} GiB "
+            f"({'8-bit' if use_8bit_adam else 'fp32'} AdamW)")
+
+
 def check_process_group(accelerator):
     """Refuse N launched processes that each believe they are alone: they would all train rank 0's batches."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -243,6 +307,36 @@ def all_processes_agree(accelerator, flag):
         return bool(flag)
     flags = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))
     return bool(flags.min().item() > 0)
+
+
+def build_base_student(args, teacher_path, teacher_unet_config_source=None):
+    """The student before training: from --student_model_name_or_path or BK-SDM's init from the teacher."""
+    from diffusers import UNet2DConditionModel
+
+    if args.student_model_name_or_path:
+        path = args.student_model_name_or_path
+        subfolder = "unet" if os.path.isdir(os.path.join(path, "unet")) else None
+        return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, cache_dir=args.cache_dir)
+    teacher = UNet2DConditionModel.from_pretrained(teacher_unet_config_source or teacher_path, subfolder="unet",
+                                                   revision=args.revision, variant=args.variant,
+                                                   cache_dir=args.cache_dir)
+    return students.build_student(teacher, args.student_config)
+
+
+def write_card(args, teacher_path, teacher_unet, student):
+    from aria_utils.model_card import load_region_report, redacted_command, write_model_card
+
+    validation_dir = os.path.join(args.output_dir, "validation")
+    images = sorted(os.listdir(validation_dir), key=lambda n: int(n.split("-")[1].split(".")[0])) \
+        if os.path.isdir(validation_dir) else []
+    description = (f"LoRA (rank {args.lora_rank}) on a {args.student_model_name_or_path or args.student_config} student"
+                   if args.use_lora else f"BK-SDM `{args.student_config}` student"
+                   if not args.student_model_name_or_path else f"student UNet from `{args.student_model_name_or_path}`")
+    write_model_card(
+        args.output_dir, teacher_path, description, students.count_parameters(teacher_unet),
+        students.count_parameters(student), public_args(args), redacted_command(sys.argv[1:]),
+        region_report=load_region_report(args.output_dir), validation_images=[f"validation/{n}" for n in images[-1:]],
+        lora=args.use_lora and not args.lora_merge)
 
 
 def write_train_summary(path, step_times, tracker_times, total_batch_size, global_step, nonfinite_skipped):
@@ -311,6 +405,16 @@ def main(args):
     )
     check_mixed_precision(accelerator)
     check_process_group(accelerator)
+    if args.teacher_quantization != "none" and accelerator.device.type != "cuda":
+        raise SystemExit(f"--teacher_quantization {args.teacher_quantization} needs a CUDA GPU: diffusers only "
+                         "quantizes with bitsandbytes on a GPU. Use --teacher_quantization none on this machine.")
+    if args.push_to_hub:
+        from aria_utils.hub import HubError, check_hub_access
+
+        try:
+            check_hub_access(args.hub_token)  # before minutes of loading and hours of training
+        except HubError as error:
+            raise SystemExit(f"error: {error}")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         logging.getLogger().setLevel(logging.WARNING)
@@ -348,6 +452,8 @@ def main(args):
             batch_size=args.region_embedding_batch_size, accelerator=accelerator,
         )
 
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
     # ---------------------------------------------------------------- Models
     load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     teacher_path = args.pretrained_model_name_or_path
@@ -373,9 +479,21 @@ def main(args):
     logger.info("Teacher UNet %.1fM parameters, student %.1fM", students.count_parameters(teacher_unet) / 1e6,
                 students.count_parameters(student) / 1e6)
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if args.teacher_quantization != "none":
+        # The student was initialised from the full-precision weights above; KD only needs the
+        # teacher's outputs, so it now runs quantized.
+        del teacher_unet, text_encoder
+        teacher_unet, text_encoder = load_quantized_teacher(teacher_path, args.teacher_quantization, weight_dtype,
+                                                            load_kwargs)
     for frozen in (text_encoder, vae, teacher_unet):
-        frozen.to(accelerator.device, dtype=weight_dtype)
+        if not getattr(frozen, "is_quantized", False) and not getattr(frozen, "is_loaded_in_8bit", False):
+            frozen.to(accelerator.device, dtype=weight_dtype)
+    if args.use_lora:
+        from aria_utils.lora import add_lora_adapter
+
+        # Frozen base in the compute dtype, trainable adapter in fp32 (no "unscale FP16 gradients" error).
+        add_lora_adapter(student, args.lora_rank, args.lora_alpha, args.lora_target_modules, base_dtype=weight_dtype)
+    logger.info(memory_report(teacher_unet, text_encoder, student, args.use_8bit_adam))
     if args.enable_xformers_memory_efficient_attention:
         teacher_unet.enable_xformers_memory_efficient_attention()
         student.enable_xformers_memory_efficient_attention()
@@ -418,7 +536,7 @@ def main(args):
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(student.parameters(), lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    optimizer = optimizer_class(trainable_parameters(student), lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     max_train_steps = args.max_train_steps or args.num_train_epochs * math.ceil(len(paired) / total_batch_size)
     # The prepared scheduler steps once per process per optimisation step.
@@ -508,13 +626,14 @@ def main(args):
 
     @contextlib.contextmanager
     def ema_weights_applied():
-        """Validation and evaluation look at the EMA weights when there are any."""
+        """Validation and evaluation look at the EMA weights when there are any, in the training precision."""
         model = accelerator.unwrap_model(student)
         if ema_student is not None:
             ema_student.store(model.parameters())
             ema_student.copy_to(model.parameters())
         try:
-            yield
+            with accelerator.autocast():
+                yield
         finally:
             if ema_student is not None:
                 ema_student.restore(model.parameters())
@@ -524,7 +643,7 @@ def main(args):
         if validator is not None:
             with ema_weights_applied():
                 validator.run(accelerator.unwrap_model(student), step, accelerator.trackers)
-        if tracker is not None and region_history:
+        if tracker is not None and region_history and accelerator.is_main_process:
             image = region_heatmap(region_history, os.path.join(args.output_dir, "aria_regions.png"))
             for run_tracker in accelerator.trackers:
                 if run_tracker.name == "tensorboard":
@@ -649,8 +768,18 @@ def main(args):
         # Every process must agree to stop at the same step: checkpointing is collective.
         stop_now = not all_processes_agree(accelerator, not preemption.requested)
         if global_step % args.checkpointing_steps == 0 or stop_now:
-            checkpointing.save_checkpoint(accelerator, args.output_dir, global_step, training_state(),
-                                          args.checkpoints_total_limit)
+            saved = checkpointing.save_checkpoint(accelerator, args.output_dir, global_step, training_state(),
+                                                  args.checkpoints_total_limit)
+            if args.hub_push_checkpoints and accelerator.is_main_process:
+                from huggingface_hub import HfApi
+
+                from aria_utils.hub import default_repo_id
+
+                student_folder = "unet_lora" if args.use_lora else "unet"
+                HfApi().upload_folder(repo_id=default_repo_id(args.output_dir, args.hub_model_id),
+                                      folder_path=os.path.join(saved, student_folder), path_in_repo=student_folder,
+                                      commit_message=f"Student at step {global_step}", token=args.hub_token,
+                                      run_as_future=True)
         if stop_now:
             logger.warning("Preempted: checkpoint-%d written; resume with --resume_from_checkpoint latest.", global_step)
             accelerator.end_training()
@@ -661,12 +790,18 @@ def main(args):
         write_process_state(args.output_dir, accelerator, student, tracker, drawn_conditions.hexdigest())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        from aria_utils.export import save_student_pipeline
-
         final_student = accelerator.unwrap_model(student)
         if ema_student is not None:
             ema_student.copy_to(final_student.parameters())
-        save_student_pipeline(final_student, teacher_path, args.output_dir, load_kwargs)
+        if args.use_lora:
+            from aria_utils.export import save_lora_student
+
+            base_student = build_base_student(args, teacher_path, teacher_unet_config_source=teacher_path)
+            save_lora_student(final_student, base_student, teacher_path, args.output_dir, load_kwargs, args.lora_merge)
+        else:
+            from aria_utils.export import save_student_pipeline
+
+            save_student_pipeline(final_student, teacher_path, args.output_dir, load_kwargs)
         if tracker is not None:
             from aria_utils.regions import write_region_report
 
@@ -676,6 +811,15 @@ def main(args):
             json.dump(public_args(args), handle, indent=2)
         write_train_summary(os.path.join(args.output_dir, "train_summary.json"), step_times, tracker_times,
                             total_batch_size, global_step, nonfinite_skipped)
+        write_card(args, teacher_path, teacher_unet, accelerator.unwrap_model(student))
+        if args.push_to_hub:
+            from huggingface_hub import HfApi
+
+            from aria_utils.hub import default_repo_id, push_output_folder
+
+            repo_id = default_repo_id(args.output_dir, args.hub_model_id)
+            push_output_folder(HfApi(), args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
+            logger.info("Pushed %s to the Hub as %s", args.output_dir, repo_id)
         logger.info("Student pipeline saved to %s", args.output_dir)
     student_features.remove()
     teacher_features.remove()

@@ -118,7 +118,15 @@ class StudentCheckpointHooks:
     def save_model_hook(self, models, weights, output_dir):
         from safetensors.torch import save_file
 
+        from aria_utils.lora import has_lora, save_adapter_checkpoint
+
         for model in models:
+            unwrapped = self.accelerator.unwrap_model(model)
+            if has_lora(unwrapped):
+                # The frozen base is rebuilt deterministically on resume; only the adapter is state.
+                if self.accelerator.is_main_process:
+                    save_adapter_checkpoint(unwrapped, output_dir)
+                continue
             # A collective under FSDP / DeepSpeed ZeRO-3 (the full state dict is gathered), so every
             # process calls it; only the main process writes.
             state_dict = self.accelerator.get_state_dict(model)
@@ -141,8 +149,13 @@ class StudentCheckpointHooks:
             self.ema_model.load_state_dict(loaded.state_dict())
             self.ema_model.to(self.accelerator.device)
             del loaded
+        from aria_utils.lora import has_lora, load_adapter_checkpoint
+
         while models:
             model = self.accelerator.unwrap_model(models.pop())
+            if has_lora(model):
+                load_adapter_checkpoint(model, input_dir)
+                continue
             loaded = self.student_class.from_pretrained(input_dir, subfolder="unet")
             model.load_state_dict(loaded.state_dict())
             del loaded

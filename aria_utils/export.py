@@ -14,3 +14,25 @@ def save_student_pipeline(student_unet, teacher_name_or_path, output_dir, load_k
     )
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     return pipeline
+
+
+def save_lora_student(trained_student, base_student, teacher_name_or_path, output_dir, load_kwargs=None, merge=False):
+    """The base student pipeline + `pytorch_lora_weights.safetensors` (diffusers format), or with --lora_merge
+    the adapter fused into the student's weights and no separate LoRA file."""
+    import os
+
+    from diffusers import StableDiffusionPipeline
+
+    from aria_utils.lora import LORA_WEIGHT_NAME, lora_layers_in_diffusers_format
+
+    lora_layers = lora_layers_in_diffusers_format(trained_student)
+    pipeline = save_student_pipeline(base_student, teacher_name_or_path, output_dir, load_kwargs)
+    StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=lora_layers, weight_name=LORA_WEIGHT_NAME,
+                                              safe_serialization=True)
+    if merge:
+        pipeline.load_lora_weights(output_dir, weight_name=LORA_WEIGHT_NAME)
+        pipeline.fuse_lora()
+        pipeline.unload_lora_weights()
+        pipeline.save_pretrained(output_dir, safe_serialization=True)
+        os.remove(os.path.join(output_dir, LORA_WEIGHT_NAME))
+    return pipeline

@@ -1,0 +1,153 @@
+"""LoRA students, 8-bit options, the model card and pushing to the Hub (issue: students that get published)."""
+
+import os
+import subprocess
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT, run, training_command
+
+TOKEN = "hf_aria_test_token_7f3c9d"  # must never reach a file or a log
+
+
+@pytest.fixture(scope="module")
+def lora_run(assets, tmp_path_factory):
+    output = tmp_path_factory.mktemp("lora") / "out"
+    first = run(training_command(assets, output, "--use_lora", "--lora_rank", "4", "--checkpointing_steps", "2",
+                                 "--mixed_precision", "bf16", "--hub_token", TOKEN, "--num_regions", "3",
+                                 "--aria_warmup_steps", "1", "--validation_prompts", "a violin on a stage",
+                                 "--validation_steps", "2", "--validation_inference_steps", "2",
+                                 sampling="aria", steps=2))
+    resumed = run(training_command(assets, output, "--use_lora", "--lora_rank", "4", "--checkpointing_steps", "2",
+                                   "--mixed_precision", "bf16", "--hub_token", TOKEN, "--num_regions", "3",
+                                   "--aria_warmup_steps", "1", "--validation_prompts", "a violin on a stage",
+                                   "--validation_steps", "2", "--validation_inference_steps", "2",
+                                   "--resume_from_checkpoint", "latest", sampling="aria", steps=4))
+    return output, first.stdout + first.stderr + resumed.stdout + resumed.stderr
+
+
+def test_lora_weights_are_diffusers_lora_and_load_back(lora_run):
+    from diffusers import StableDiffusionPipeline
+
+    output, _ = lora_run
+    weights = load_file(str(output / "pytorch_lora_weights.safetensors"))
+    assert weights and all("lora" in key for key in weights)
+    pipeline = StableDiffusionPipeline.from_pretrained(str(output))
+    pipeline.load_lora_weights(str(output))
+    images = pipeline("a violin on a stage", num_inference_steps=2, output_type="np",
+                      generator=torch.manual_seed(0)).images
+    assert images.shape == (1, 32, 32, 3)
+
+
+def test_lora_resume_continues_from_the_adapter_checkpoint(lora_run):
+    output, log = lora_run
+    assert "Resuming from" in log
+    assert (output / "checkpoint-4" / "unet_lora" / "adapter_model.safetensors").is_file()
+    # Resumed adapter differs from the step-2 adapter: training went on from it.
+    step2 = load_file(str(output / "checkpoint-2" / "unet_lora" / "adapter_model.safetensors"))
+    step4 = load_file(str(output / "checkpoint-4" / "unet_lora" / "adapter_model.safetensors"))
+    assert step2.keys() == step4.keys() and any(not torch.equal(step2[k], step4[k]) for k in step2)
+
+
+def test_trainable_params_stay_fp32_under_half_precision(assets):
+    from diffusers import UNet2DConditionModel
+
+    from aria_utils.lora import add_lora_adapter, trainable_parameters
+
+    for dtype in (torch.bfloat16, torch.float16):
+        unet = UNet2DConditionModel.from_pretrained(assets["teacher"], subfolder="unet")
+        add_lora_adapter(unet, 4, 4, ["to_k", "to_q", "to_v", "to_out.0"], base_dtype=dtype)
+        trainable = trainable_parameters(unet)
+        assert trainable and all(p.dtype == torch.float32 for p in trainable)
+        frozen = [p for p in unet.parameters() if not p.requires_grad]
+        assert frozen and all(p.dtype == dtype for p in frozen)
+
+
+def test_model_card(lora_run):
+    output, _ = lora_run
+    card = (output / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["base_model"].endswith("tiny-teacher")
+    assert {"diffusers", "text-to-image", "distillation", "aria"} <= set(metadata["tags"])
+    assert "## ARIA regions" in card and card.count("\n| 0 |") + card.count("\n| 1 |") >= 2
+    assert "accelerate launch train_aria_distill.py" in card and "validation/step-4.png" in card
+
+
+def test_token_never_written_or_logged(lora_run):
+    output, log = lora_run
+    assert TOKEN not in log
+    for root, _, files in os.walk(output):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                assert TOKEN.encode() not in handle.read(), os.path.join(root, name)
+
+
+def test_lora_merge_writes_a_fused_student(assets, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    output = tmp_path / "merged"
+    run(training_command(assets, output, "--use_lora", "--lora_rank", "4", "--lora_merge", "--learning_rate", "5e-2",
+                         "--checkpointing_steps", "100", steps=2))
+    assert not (output / "pytorch_lora_weights.safetensors").exists()
+    pipeline = StableDiffusionPipeline.from_pretrained(str(output))
+    assert not any("lora" in key for key in pipeline.unet.state_dict())
+    from aria_utils.students import build_student
+
+    base = build_student(pipeline.unet.__class__.from_pretrained(assets["teacher"], subfolder="unet"), "bk_small")
+    merged = pipeline.unet.state_dict()
+    changed = [k for k, v in base.state_dict().items() if not torch.equal(v, merged[k])]
+    assert changed and all("attn" in k for k in changed)  # only LoRA-targeted attention weights moved
+
+
+def test_8bit_adam_runs_on_cpu(assets, tmp_path):
+    output = tmp_path / "adam8"
+    result = run(training_command(assets, output, "--use_8bit_adam", "--checkpointing_steps", "100", steps=2))
+    assert "8-bit AdamW" in result.stderr and (output / "model_index.json").is_file()
+
+
+def test_teacher_quantization_refused_on_cpu(assets, tmp_path):
+    result = run(training_command(assets, tmp_path / "q", "--teacher_quantization", "8bit"), expect_success=False)
+    assert result.returncode != 0
+    assert "--teacher_quantization 8bit needs a CUDA GPU" in result.stderr
+    assert "Traceback" not in result.stderr and "Loading pipeline components" not in result.stderr
+
+
+def test_push_to_hub_offline_fails_before_training(assets, tmp_path):
+    result = run(training_command(assets, tmp_path / "p", "--push_to_hub", "--hub_token", TOKEN),
+                 expect_success=False, env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0 and "--push_to_hub" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+    assert "Teacher UNet" not in result.stderr and TOKEN not in result.stderr + result.stdout
+
+
+def test_push_uploads_the_folder_without_checkpoints(tmp_path):
+    """Verified by recording the exact calls on a stand-in for huggingface_hub.HfApi (no network here)."""
+    from aria_utils.hub import UPLOAD_IGNORE_PATTERNS, push_output_folder
+
+    class RecordingApi:
+        def __init__(self):
+            self.calls = []
+
+        def create_repo(self, repo_id, **kwargs):
+            self.calls.append(("create_repo", repo_id, kwargs))
+            return type("RepoUrl", (), {"repo_id": f"user/{repo_id}"})()
+
+        def upload_folder(self, **kwargs):
+            self.calls.append(("upload_folder", kwargs))
+
+    api = RecordingApi()
+    push_output_folder(api, str(tmp_path), "bk-small-aria", token=TOKEN, private=True)
+    assert api.calls[0] == ("create_repo", "bk-small-aria", {"token": TOKEN, "private": True, "exist_ok": True})
+    upload = api.calls[1][1]
+    assert upload["repo_id"] == "user/bk-small-aria" and upload["folder_path"] == str(tmp_path)
+    assert upload["ignore_patterns"] == UPLOAD_IGNORE_PATTERNS and "checkpoint-*" in UPLOAD_IGNORE_PATTERNS
+
+    import fnmatch
+
+    for path in ("checkpoint-500/optimizer.bin", ".incomplete-checkpoint-10/unet/x.safetensors",
+                 "latent_cache/latents-1/latents.safetensors"):
+        assert any(fnmatch.fnmatch(path, pattern) for pattern in UPLOAD_IGNORE_PATTERNS), path
+    for path in ("unet/diffusion_pytorch_model.safetensors", "README.md", "aria_regions.json"):
+        assert not any(fnmatch.fnmatch(path, pattern) for pattern in UPLOAD_IGNORE_PATTERNS), path
