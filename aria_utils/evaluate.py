@@ -84,8 +84,21 @@ def parse_args(argv=None):
 
 
 def load_student_unet(path, teacher_path=None):
-    from diffusers import UNet2DConditionModel
+    """A student UNet from a pipeline / UNet folder or hub id, or a LoRA folder fused onto its base.
 
+    A LoRA folder's base is its own `unet/` when it has one (a LoRA-trained BK student), else the teacher's.
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from aria_utils.lora import LORA_WEIGHT_NAME
+
+    if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
+        base = path if os.path.isdir(os.path.join(path, "unet")) else teacher_path
+        pipeline = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+        pipeline.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME)
+        pipeline.fuse_lora()
+        pipeline.unload_lora_weights()
+        return pipeline.unet
     subfolder = "unet" if not os.path.isdir(path) or os.path.isdir(os.path.join(path, "unet")) else None
     return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder)
 
@@ -240,7 +253,7 @@ def run_evaluation(args):
     if dtype == torch.float16 and device == "cpu":
         raise EvaluationError("--mixed_precision fp16 needs a GPU; use bf16 or no on CPU.")
     teacher_unet = UNet2DConditionModel.from_pretrained(args.teacher, subfolder="unet")
-    students = {name: load_student_unet(path) for name, path in args.student}
+    students = {name: load_student_unet(path, args.teacher) for name, path in args.student}
     for name, unet in students.items():
         check_compatible(teacher_unet, unet, name)
     for model in [teacher_unet, *students.values()]:

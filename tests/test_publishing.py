@@ -151,3 +151,14 @@ def test_push_uploads_the_folder_without_checkpoints(tmp_path):
         assert any(fnmatch.fnmatch(path, pattern) for pattern in UPLOAD_IGNORE_PATTERNS), path
     for path in ("unet/diffusion_pytorch_model.safetensors", "README.md", "aria_regions.json"):
         assert not any(fnmatch.fnmatch(path, pattern) for pattern in UPLOAD_IGNORE_PATTERNS), path
+
+
+def test_lora_student_can_be_evaluated(lora_run, assets, tmp_path):
+    from aria_utils.evaluate import parse_args, run_evaluation
+
+    output, _ = lora_run
+    report = run_evaluation(parse_args([
+        "--teacher", assets["teacher"], "--student", f"lora={output}", "--prompt_file", assets["prompts"],
+        "--max_prompts", "4", "--region_cache_dir", str(output / "regions"), "--output_dir", str(tmp_path),
+        "--num_timesteps", "2", "--num_inference_steps", "2", "--num_sample_prompts_per_region", "1"]))
+    assert report["students"]["lora"]["discrepancy"]["mean"] > 0
