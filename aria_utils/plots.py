@@ -3,9 +3,23 @@
 import numpy as np
 
 
-def _figure_to_array(figure):
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(figure, path):
+    """Lay out, render to an RGB array (for TensorBoard), save as PNG when asked, close."""
+    figure.tight_layout()
     figure.canvas.draw()
     image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    if path is not None:
+        figure.savefig(path, dpi=100)
+    _pyplot().close(figure)
     return image
 
 
@@ -15,11 +29,7 @@ def region_heatmap(region_history, path=None, max_columns=200):
     `region_history` is [(step, estimates, probabilities)]. Saves a PNG when `path` is given and
     returns the RGB image (H, W, 3) uint8 for TensorBoard.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     stride = max(1, len(region_history) // max_columns)
     history = region_history[::stride]
     steps = [entry[0] for entry in history]
@@ -37,30 +47,16 @@ def region_heatmap(region_history, path=None, max_columns=200):
     figure.colorbar(mesh, ax=heat_axis, fraction=0.04)
     bar_axis.barh(np.arange(num_regions), final_probabilities, color="tab:blue")
     bar_axis.set_title("sampling prob.")
-    figure.tight_layout()
-    image = _figure_to_array(figure)
-    if path is not None:
-        figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return image
+    return _finish(figure, path)
 
 
 def region_bar_chart(per_region_means, title, path=None):
     """Bar chart of one value per region; returns the RGB image, saves a PNG when `path` is given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     regions = sorted(per_region_means)
     figure, axis = plt.subplots(figsize=(max(5, 0.5 * len(regions) + 2), 3.5))
     axis.bar([str(k) for k in regions], [per_region_means[k] for k in regions], color="tab:purple")
     axis.set_xlabel("region")
     axis.set_ylabel("teacher-student noise MSE")
     axis.set_title(title)
-    figure.tight_layout()
-    image = _figure_to_array(figure)
-    if path is not None:
-        figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return image
+    return _finish(figure, path)

@@ -142,7 +142,9 @@ def test_region_cache_from_another_embedding_model(eval_assets, tmp_path):
 def test_training_logs_periodic_evaluation(assets, eval_assets, tmp_path):
     output = tmp_path / "run"
     run(training_command(assets, output, "--checkpointing_steps", "100", "--eval_prompt_file", eval_assets["heldout"],
-                         "--eval_steps", "2", "--eval_num_timesteps", "2", "--report_to", "tensorboard", steps=4))
+                         "--eval_steps", "2", "--eval_num_timesteps", "2", "--report_to", "tensorboard",
+                         "--validation_steps", "2", "--num_regions", "3", "--region_cache_dir", eval_assets["regions"],
+                         sampling="aria", steps=4))
     assert sorted(os.listdir(output / "eval")) == ["step-2.png", "step-4.png"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -151,3 +153,9 @@ def test_training_logs_periodic_evaluation(assets, eval_assets, tmp_path):
     assert "eval/discrepancy_mean" in events.Tags()["scalars"]
     assert "eval/discrepancy_per_region" in events.Tags()["images"]
     assert [e.step for e in events.Scalars("eval/discrepancy_mean")] == [2, 4]
+    # ARIA's own visibility: per-region scalars every --validation_steps and the regions x steps heat map.
+    scalars = events.Tags()["scalars"]
+    for kind in ("discrepancy", "probability", "visits"):
+        assert all(f"aria/{kind}/region_{k:02d}" in scalars for k in range(NUM_REGIONS)), kind
+    assert "aria/region_discrepancy_heatmap" in events.Tags()["images"]
+    assert {"loss/task", "loss/kd_output", "loss/kd_feat", "lr", "step_time", "samples_per_second"} <= set(scalars)
