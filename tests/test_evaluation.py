@@ -145,7 +145,9 @@ def test_training_logs_periodic_evaluation(assets, eval_assets, tmp_path):
                          "--eval_steps", "2", "--eval_num_timesteps", "2", "--report_to", "tensorboard",
                          "--validation_steps", "2", "--num_regions", "3", "--region_cache_dir", eval_assets["regions"],
                          sampling="aria", steps=4))
-    assert sorted(os.listdir(output / "eval")) == ["step-2.png", "step-4.png"]
+    assert sorted(os.listdir(output / "eval")) == ["history.jsonl", "step-2.png", "step-4.png"]
+    history = [json.loads(line) for line in open(output / "eval" / "history.jsonl")]
+    assert [record["step"] for record in history] == [2, 4] and all(record["mean"] > 0 for record in history)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(output / "logs" / "aria-distill"))
