@@ -65,6 +65,8 @@ def build_parser():
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--caption_column", default="text")
     parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0,
+                        help="Workers decoding images for the one-time VAE encoding (training reads cached latents).")
     parser.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
     parser.add_argument("--resolution", type=int, default=None,
                         help="Image resolution for image datasets and validation; default: the teacher's.")
@@ -518,7 +520,8 @@ def main(args):
             paired = encode_image_dataset(image_dataset, vae, args.image_column, args.caption_column, resolution,
                                           args.train_batch_size, os.path.join(args.output_dir, "latent_cache"),
                                           teacher_path, accelerator.device, weight_dtype,
-                                          show_progress=accelerator.is_local_main_process)
+                                          show_progress=accelerator.is_local_main_process,
+                                          num_workers=args.dataloader_num_workers, seed=args.seed)
     if paired.latents.shape[1] != teacher_unet.config.in_channels:
         raise SystemExit(f"The paired latents have {paired.latents.shape[1]} channels, the teacher UNet expects "
                          f"{teacher_unet.config.in_channels}: --train_data_dir was made with another model.")

@@ -123,9 +123,24 @@ def dataset_fingerprint(dataset, vae_name, resolution):
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+class _ImageCaptionRows(torch.utils.data.Dataset):
+    """Decoded, resized image tensors and captions; DataLoader workers do the PIL work in parallel."""
+
+    def __init__(self, dataset, image_column, caption_column, resolution):
+        self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
+        self.resolution = resolution
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        row = self.dataset[index]
+        return _image_to_tensor(row[self.image_column], self.resolution), _caption_text(row[self.caption_column])
+
+
 @torch.no_grad()
 def encode_image_dataset(dataset, vae, image_column, caption_column, resolution, batch_size, cache_dir, vae_name,
-                         device, dtype, show_progress=True):
+                         device, dtype, show_progress=True, num_workers=0, seed=0):
     """Encode every image once with the VAE; cached on disk under `cache_dir` by a fingerprint."""
     from tqdm.auto import tqdm
 
@@ -134,13 +149,16 @@ def encode_image_dataset(dataset, vae, image_column, caption_column, resolution,
     if is_teacher_latent_dir(cache_path):
         logger.info("Reusing VAE latents cached at %s", cache_path)
         return load_paired_latents(cache_path)
+    loader = torch.utils.data.DataLoader(_ImageCaptionRows(dataset, image_column, caption_column, resolution),
+                                         batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    generator = torch.Generator().manual_seed(seed)  # the posterior sample is drawn once, reproducibly
     latents, captions = [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="Encoding images", disable=not show_progress):
-        rows = dataset[start : start + batch_size]
-        pixels = torch.stack([_image_to_tensor(image, resolution) for image in rows[image_column]])
-        encoded = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist.sample()
+    for pixels, batch_captions in tqdm(loader, desc="Encoding images", disable=not show_progress):
+        posterior = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(device=device, dtype=posterior.mean.dtype)
+        encoded = posterior.mean + posterior.std * noise
         latents.append((encoded * vae.config.scaling_factor).float().cpu())
-        captions.extend(_caption_text(caption) for caption in rows[caption_column])
+        captions.extend(batch_captions)
     latents = torch.cat(latents)
     save_paired_latents(cache_path, latents.half(), captions, info={"vae": vae_name, "resolution": resolution})
     return PairedLatents(latents=latents, captions=captions)

@@ -115,7 +115,8 @@ def test_image_folder_is_encoded_once_and_cached(assets, tmp_path):
     (folder / "metadata.jsonl").write_text("\n".join(rows))
     image_assets = dict(assets, teacher_data=str(folder))
     output = tmp_path / "out"
-    run(training_command(image_assets, output, "--checkpointing_steps", "100", steps=2, sampling="paired"))
+    run(training_command(image_assets, output, "--checkpointing_steps", "100", "--dataloader_num_workers", "2",
+                         steps=2, sampling="paired"))
     caches = os.listdir(output / "latent_cache")
     assert len(caches) == 1
     second = run(training_command(image_assets, output, "--checkpointing_steps", "100", steps=2, sampling="paired"))
