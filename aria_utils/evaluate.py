@@ -112,6 +112,12 @@ def versions():
             "transformers": transformers.__version__, "accelerate": accelerate.__version__}
 
 
+def _projected(output):
+    """Normalised projected embeddings: a tensor (transformers 4) or an output's pooler_output (5)."""
+    features = output if torch.is_tensor(output) else output.pooler_output
+    return torch.nn.functional.normalize(features, dim=-1)
+
+
 def clip_scores(model_path, prompts, images, device):
     """CLIP score per image: max(cos(image, text), 0). Images are (N, 3, H, W) in [0, 1]."""
     from transformers import CLIPModel, CLIPProcessor
@@ -122,9 +128,9 @@ def clip_scores(model_path, prompts, images, device):
     with torch.no_grad():
         inputs = processor(text=list(prompts), images=pil_images, return_tensors="pt", padding=True, truncation=True)
         inputs = {key: value.to(device) for key, value in inputs.items()}
-        image_features = torch.nn.functional.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1)
-        text_features = torch.nn.functional.normalize(
-            model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]), dim=-1)
+        image_features = _projected(model.get_image_features(pixel_values=inputs["pixel_values"]))
+        text_features = _projected(model.get_text_features(input_ids=inputs["input_ids"],
+                                                           attention_mask=inputs["attention_mask"]))
     return (image_features * text_features).sum(-1).clamp(min=0).cpu().double().numpy()
 
 

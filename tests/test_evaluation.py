@@ -161,3 +161,26 @@ def test_training_logs_periodic_evaluation(assets, eval_assets, tmp_path):
         assert all(f"aria/{kind}/region_{k:02d}" in scalars for k in range(NUM_REGIONS)), kind
     assert "aria/region_discrepancy_heatmap" in events.Tags()["images"]
     assert {"loss/task", "loss/kd_output", "loss/kd_feat", "lr", "step_time", "samples_per_second"} <= set(scalars)
+
+
+def test_clip_score_with_a_local_clip_model(eval_assets, tmp_path):
+    """A tiny random CLIPModel saved here stands in for a real one: the code path, not the value, is tested."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from aria_utils.tiny_teacher import build_clip_tokenizer
+
+    clip_dir = str(tmp_path / "clip")
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "vocab_size": 49408, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(clip_dir)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer()).save_pretrained(clip_dir)
+    report = evaluate(eval_assets, tmp_path / "out", f"untrained={eval_assets['untrained']}",
+                      extra=("--clip_model_name_or_path", clip_dir))
+    assert report["clip_note"].startswith("computed with")
+    scores = [v["clip_score"] for v in report["students"]["untrained"]["samples"]["per_region"].values()]
+    assert len(scores) == NUM_REGIONS and all(0.0 <= s <= 1.0 for s in scores)
