@@ -1,7 +1,7 @@
 """Does ARIA beat Random Conditioning? One command, from scratch, offline, on CPU.
 
-    python examples/benchmark/run_benchmark.py --output_dir bench            # ~30-minute budget... see README
-    python examples/benchmark/run_benchmark.py --output_dir bench --quick    # a few minutes
+    python examples/benchmark/run_benchmark.py --output_dir bench            # 300-step budget (see README)
+    python examples/benchmark/run_benchmark.py --output_dir bench --quick    # 60-step budget
     python examples/benchmark/run_benchmark.py --output_dir bench --quick --ablations
 
 Setting (RC's unseen-concept test): a categorised prompt corpus (default: the built-in demo corpus;
