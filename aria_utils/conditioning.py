@@ -13,7 +13,6 @@ and a 1M-prompt corpus needs no per-step Python objects beyond the drawn prompts
 """
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,7 +161,3 @@ def paired_batch_indices(num_items, batch_size, micro_step_index, process_index,
 @functools.lru_cache(maxsize=2)
 def _epoch_permutation(num_items, seed, epoch):
     return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).numpy()
-
-
-def epoch_of(micro_step_index, batch_size, num_processes, num_items):
-    return math.floor(micro_step_index * batch_size * num_processes / max(num_items, 1))

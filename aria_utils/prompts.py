@@ -7,7 +7,7 @@ import csv
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,6 @@ class PromptCorpus:
     num_empty_dropped: int = 0
     num_duplicates_dropped: int = 0
     source: str = ""
-    extra: dict = field(default_factory=dict)
 
     def __len__(self):
         return len(self.prompts)
