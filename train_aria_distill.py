@@ -311,18 +311,23 @@ def all_processes_agree(accelerator, flag):
     return bool(flags.min().item() > 0)
 
 
-def build_base_student(args, teacher_path, teacher_unet_config_source=None):
-    """The student before training: from --student_model_name_or_path or BK-SDM's init from the teacher."""
+def load_initial_student(args, teacher_unet=None):
+    """The student before training: --student_model_name_or_path, or BK-SDM's init from the teacher.
+
+    `teacher_unet` must hold full-precision weights; when not given it is loaded from
+    --pretrained_model_name_or_path (the end of a LoRA run needs the untrained base again).
+    """
     from diffusers import UNet2DConditionModel
 
     if args.student_model_name_or_path:
         path = args.student_model_name_or_path
         subfolder = "unet" if os.path.isdir(os.path.join(path, "unet")) else None
         return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, cache_dir=args.cache_dir)
-    teacher = UNet2DConditionModel.from_pretrained(teacher_unet_config_source or teacher_path, subfolder="unet",
-                                                   revision=args.revision, variant=args.variant,
-                                                   cache_dir=args.cache_dir)
-    return students.build_student(teacher, args.student_config)
+    if teacher_unet is None:
+        teacher_unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
+                                                            revision=args.revision, variant=args.variant,
+                                                            cache_dir=args.cache_dir)
+    return students.build_student(teacher_unet, args.student_config)
 
 
 def write_card(args, teacher_path, teacher_unet, student):
@@ -336,7 +341,7 @@ def write_card(args, teacher_path, teacher_unet, student):
                    if not args.student_model_name_or_path else f"student UNet from `{args.student_model_name_or_path}`")
     write_model_card(
         args.output_dir, teacher_path, description, students.count_parameters(teacher_unet),
-        students.count_parameters(student), public_args(args), redacted_command(sys.argv[1:]),
+        students.count_parameters(student), public_args(args), redacted_command(sys.argv[1:], [f"--{name}" for name in SECRET_ARGS]),
         region_report=load_region_report(args.output_dir), validation_images=[f"validation/{n}" for n in images[-1:]],
         lora=args.use_lora and not args.lora_merge)
 
@@ -471,12 +476,7 @@ def main(args):
         frozen.requires_grad_(False)
         frozen.eval()
 
-    if args.student_model_name_or_path:
-        student_path = args.student_model_name_or_path
-        subfolder = "unet" if os.path.isdir(os.path.join(student_path, "unet")) else None
-        student = UNet2DConditionModel.from_pretrained(student_path, subfolder=subfolder, cache_dir=args.cache_dir)
-    else:
-        student = students.build_student(teacher_unet, args.student_config)
+    student = load_initial_student(args, teacher_unet)
     student.train()
     logger.info("Teacher UNet %.1fM parameters, student %.1fM", students.count_parameters(teacher_unet) / 1e6,
                 students.count_parameters(student) / 1e6)
@@ -563,6 +563,8 @@ def main(args):
             num_train_timesteps=noise_scheduler.config.num_train_timesteps,
         )
     region_history = []  # [(step, estimates, probabilities)] for the heat map
+    # About ten heat-map columns per validation interval: enough to draw, and bounded in every checkpoint.
+    region_history_stride = max(1, args.validation_steps // 10)
     drawn_conditions = hashlib.sha256()  # only fed with --debug_process_states
     loss_fn = DistillationLoss(args.lambda_sd, args.lambda_kd_output, args.lambda_kd_feat)
 
@@ -698,7 +700,10 @@ def main(args):
                 student_features.clear()
                 teacher_features.clear()
                 accelerator.backward(losses.loss)
-                locally_finite = locally_finite and bool(torch.isfinite(losses.loss))
+                # One device sync for every logged term (each .item() would be one).
+                loss_value, task_value, kd_output_value, kd_feat_value = torch.stack(
+                    [losses.loss.detach(), losses.task, losses.kd_output, losses.kd_feat]).tolist()
+                locally_finite = locally_finite and math.isfinite(loss_value)
                 if accelerator.sync_gradients:
                     # Every process must take the same decision, or DDP replicas drift apart.
                     step_is_finite = all_processes_agree(accelerator, locally_finite)
@@ -714,11 +719,10 @@ def main(args):
                                                            timesteps.cpu())
                 step_statistics = micro_statistics if step_statistics is None else step_statistics + micro_statistics
                 tracker_time += time.perf_counter() - tick
-            logs["loss"] += losses.loss.item() / args.gradient_accumulation_steps
-            logs["loss/task"] += losses.task.item() / args.gradient_accumulation_steps
-            logs["loss/kd_output"] += losses.kd_output.item() / args.gradient_accumulation_steps
-            logs["loss/kd_feat"] += losses.kd_feat.item() / args.gradient_accumulation_steps
-            logs["random_fraction"] += (1.0 - conditions.is_paired.float().mean().item()) / args.gradient_accumulation_steps
+            random_fraction = 1.0 - conditions.is_paired.float().mean().item()  # a CPU tensor: no device sync
+            for key, value in (("loss", loss_value), ("loss/task", task_value), ("loss/kd_output", kd_output_value),
+                               ("loss/kd_feat", kd_feat_value), ("random_fraction", random_fraction)):
+                logs[key] += value / args.gradient_accumulation_steps
 
         if not step_is_finite:
             nonfinite_skipped += 1
@@ -737,7 +741,9 @@ def main(args):
         global_step += 1
         progress_bar.update(1)
 
-        if tracker is not None:
+        is_validation_step = global_step % args.validation_steps == 0
+        if tracker is not None and (global_step % region_history_stride == 0 or is_validation_step
+                                    or global_step == max_train_steps):
             tick = time.perf_counter()
             estimates, probabilities = tracker.estimates(), tracker.probabilities()
             region_history.append((global_step, estimates.tolist(), probabilities.tolist()))
@@ -750,7 +756,7 @@ def main(args):
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}")
         accelerator.log(logs, step=global_step)
 
-        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+        if is_validation_step and accelerator.is_main_process:
             if tracker is not None:
                 region_logs = {}
                 for region in range(tracker.num_regions):
@@ -799,7 +805,7 @@ def main(args):
         if args.use_lora:
             from aria_utils.export import save_lora_student
 
-            base_student = build_base_student(args, teacher_path, teacher_unet_config_source=teacher_path)
+            base_student = load_initial_student(args)
             save_lora_student(final_student, base_student, teacher_path, args.output_dir, load_kwargs, args.lora_merge)
         else:
             from aria_utils.export import save_student_pipeline

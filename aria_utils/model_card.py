@@ -5,20 +5,19 @@ import os
 import shlex
 
 TAGS = ["diffusers", "text-to-image", "stable-diffusion", "distillation", "bk-sdm", "aria"]
-SECRET_FLAGS = ("--hub_token",)
 
 
-def redacted_command(argv):
-    """The training command as typed, minus secret flags and their values."""
+def redacted_command(argv, secret_flags):
+    """The training command as typed, minus `secret_flags` (e.g. --hub_token) and their values."""
     kept, skip_next = [], False
     for item in argv:
         if skip_next:
             skip_next = False
             continue
-        if item in SECRET_FLAGS:
+        if item in secret_flags:
             skip_next = True
             continue
-        if any(item.startswith(flag + "=") for flag in SECRET_FLAGS):
+        if any(item.startswith(flag + "=") for flag in secret_flags):
             continue
         kept.append(item)
     return "accelerate launch train_aria_distill.py " + shlex.join(kept)
