@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from aria_utils import checkpointing, conditioning, students
+from aria_utils import checkpointing, conditioning, single_file, students
 from aria_utils.lora import trainable_parameters
 from aria_utils.losses import DistillationLoss, FeatureRecorder
 from aria_utils.paired_data import (
@@ -50,7 +50,15 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # ----- teacher and student -----
     parser.add_argument("--pretrained_model_name_or_path", required=True,
-                        help="Teacher Stable Diffusion pipeline: hub id (org/name) or local diffusers folder.")
+                        help="Teacher Stable Diffusion pipeline: hub id (org/name), local diffusers folder, or a "
+                             "single-file .safetensors checkpoint (original SD layout, converted once into "
+                             "OUTPUT_DIR/teacher_diffusers).")
+    parser.add_argument("--single_file_config", default=None,
+                        help="For a single-file teacher: diffusers folder or hub id with the matching component configs "
+                             "and tokenizer (needed offline; a copy of stable-diffusion-v1-5 without weights will do).")
+    parser.add_argument("--original_config", default=None,
+                        help="For a single-file teacher: the original LDM .yaml (e.g. v1-inference.yaml), instead of "
+                             "--single_file_config.")
     parser.add_argument("--revision", default=None, help="Hub revision of the teacher.")
     parser.add_argument("--variant", default=None, help="Weight variant of the teacher, e.g. fp16.")
     parser.add_argument("--student_config", choices=students.STUDENT_VARIANTS, default="bk_small",
@@ -190,7 +198,15 @@ def looks_like_local_path(name):
 
 def validate_args(args, parser):
     """Everything checkable without loading a model: fail in seconds, naming the flag."""
-    if not os.path.isdir(args.pretrained_model_name_or_path) and looks_like_local_path(args.pretrained_model_name_or_path):
+    if single_file.is_single_file(args.pretrained_model_name_or_path):
+        problem = single_file.single_file_problem(args.pretrained_model_name_or_path, args.single_file_config,
+                                                  args.original_config, args.revision, args.variant)
+        if problem:
+            parser.error(problem)
+    elif args.single_file_config or args.original_config:
+        parser.error("--single_file_config / --original_config describe a single-file .safetensors teacher; "
+                     f"{args.pretrained_model_name_or_path!r} is not one.")
+    elif not os.path.isdir(args.pretrained_model_name_or_path) and looks_like_local_path(args.pretrained_model_name_or_path):
         parser.error(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is neither a local "
                      "folder nor a hub id of the form org/name.")
     if args.student_model_name_or_path and not os.path.isdir(args.student_model_name_or_path) \
@@ -311,11 +327,11 @@ def all_processes_agree(accelerator, flag):
     return bool(flags.min().item() > 0)
 
 
-def load_initial_student(args, teacher_unet=None):
+def load_initial_student(args, teacher_path, teacher_unet=None, load_kwargs=None):
     """The student before training: --student_model_name_or_path, or BK-SDM's init from the teacher.
 
-    `teacher_unet` must hold full-precision weights; when not given it is loaded from
-    --pretrained_model_name_or_path (the end of a LoRA run needs the untrained base again).
+    `teacher_unet` must hold full-precision weights; when not given it is loaded from `teacher_path`
+    (the end of a LoRA run needs the untrained base again).
     """
     from diffusers import UNet2DConditionModel
 
@@ -324,9 +340,7 @@ def load_initial_student(args, teacher_unet=None):
         subfolder = "unet" if os.path.isdir(os.path.join(path, "unet")) else None
         return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, cache_dir=args.cache_dir)
     if teacher_unet is None:
-        teacher_unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
-                                                            revision=args.revision, variant=args.variant,
-                                                            cache_dir=args.cache_dir)
+        teacher_unet = UNet2DConditionModel.from_pretrained(teacher_path, subfolder="unet", **(load_kwargs or {}))
     return students.build_student(teacher_unet, args.student_config)
 
 
@@ -422,6 +436,17 @@ def main(args):
             check_hub_access(args.hub_token)  # before minutes of loading and hours of training
         except HubError as error:
             raise SystemExit(f"error: {error}")
+    checkpoint_pusher = None
+    if args.hub_push_checkpoints and accelerator.is_main_process:
+        from huggingface_hub import HfApi
+
+        from aria_utils.hub import CheckpointPusher, default_repo_id
+
+        # The repo must exist before the first background upload, which would otherwise fail unseen.
+        hub_api = HfApi()
+        repo = hub_api.create_repo(default_repo_id(args.output_dir, args.hub_model_id), token=args.hub_token,
+                                   private=args.hub_private, exist_ok=True)
+        checkpoint_pusher = CheckpointPusher(hub_api, repo.repo_id, token=args.hub_token)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         logging.getLogger().setLevel(logging.WARNING)
@@ -464,11 +489,19 @@ def main(args):
     # ---------------------------------------------------------------- Models
     load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     teacher_path = args.pretrained_model_name_or_path
+    if single_file.is_single_file(teacher_path):
+        # Converted by the main process; the others then find the finished folder and reuse it.
+        with accelerator.main_process_first():
+            teacher_path = single_file.convert_single_file_teacher(
+                teacher_path, args.output_dir, config=args.single_file_config, original_config=args.original_config,
+                cache_dir=args.cache_dir, revision=args.revision)
+        logger.info("Single-file teacher %s converted to the diffusers folder %s", args.pretrained_model_name_or_path,
+                    teacher_path)
+        load_kwargs = dict(cache_dir=args.cache_dir)
     # Auto classes resolve to CLIPTokenizerFast / CLIPTextModel for SD-1.x/2.x checkpoints.
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path, subfolder="tokenizer", revision=args.revision,
-                                              cache_dir=args.cache_dir)
-    noise_scheduler = DDPMScheduler.from_pretrained(teacher_path, subfolder="scheduler", revision=args.revision,
-                                                    cache_dir=args.cache_dir)
+    config_kwargs = {key: value for key, value in load_kwargs.items() if key != "variant"}  # variants name weights
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path, subfolder="tokenizer", **config_kwargs)
+    noise_scheduler = DDPMScheduler.from_pretrained(teacher_path, subfolder="scheduler", **config_kwargs)
     text_encoder = AutoModel.from_pretrained(teacher_path, subfolder="text_encoder", **load_kwargs)
     vae = AutoencoderKL.from_pretrained(teacher_path, subfolder="vae", **load_kwargs)
     teacher_unet = UNet2DConditionModel.from_pretrained(teacher_path, subfolder="unet", **load_kwargs)
@@ -476,7 +509,7 @@ def main(args):
         frozen.requires_grad_(False)
         frozen.eval()
 
-    student = load_initial_student(args, teacher_unet)
+    student = load_initial_student(args, teacher_path, teacher_unet)
     student.train()
     logger.info("Teacher UNet %.1fM parameters, student %.1fM", students.count_parameters(teacher_unet) / 1e6,
                 students.count_parameters(student) / 1e6)
@@ -779,16 +812,9 @@ def main(args):
         if global_step % args.checkpointing_steps == 0 or stop_now:
             saved = checkpointing.save_checkpoint(accelerator, args.output_dir, global_step, training_state(),
                                                   args.checkpoints_total_limit)
-            if args.hub_push_checkpoints and accelerator.is_main_process:
-                from huggingface_hub import HfApi
-
-                from aria_utils.hub import default_repo_id
-
+            if checkpoint_pusher is not None:
                 student_folder = "unet_lora" if args.use_lora else "unet"
-                HfApi().upload_folder(repo_id=default_repo_id(args.output_dir, args.hub_model_id),
-                                      folder_path=os.path.join(saved, student_folder), path_in_repo=student_folder,
-                                      commit_message=f"Student at step {global_step}", token=args.hub_token,
-                                      run_as_future=True)
+                checkpoint_pusher.push(os.path.join(saved, student_folder), student_folder, global_step)
         if stop_now:
             logger.warning("Preempted: checkpoint-%d written; resume with --resume_from_checkpoint latest.", global_step)
             accelerator.end_training()
@@ -805,7 +831,7 @@ def main(args):
         if args.use_lora:
             from aria_utils.export import save_lora_student
 
-            base_student = load_initial_student(args)
+            base_student = load_initial_student(args, teacher_path, load_kwargs=load_kwargs)
             save_lora_student(final_student, base_student, teacher_path, args.output_dir, load_kwargs, args.lora_merge)
         else:
             from aria_utils.export import save_student_pipeline
@@ -820,7 +846,11 @@ def main(args):
             json.dump(public_args(args), handle, indent=2)
         write_train_summary(os.path.join(args.output_dir, "train_summary.json"), step_times, tracker_times,
                             total_batch_size, global_step, nonfinite_skipped)
-        write_card(args, teacher_path, teacher_unet, accelerator.unwrap_model(student))
+        # The card names the teacher as the user gave it (hub id, folder or file), not its converted copy.
+        write_card(args, args.pretrained_model_name_or_path, teacher_unet, accelerator.unwrap_model(student))
+        if checkpoint_pusher is not None:  # finished before the final upload: one commit at a time
+            for failure in checkpoint_pusher.finish():
+                logger.warning("A checkpoint push to the Hub failed (%s); the local checkpoint is intact.", failure)
         if args.push_to_hub:
             from huggingface_hub import HfApi
 

@@ -5,9 +5,10 @@ The token is passed through, never printed, logged or saved (see `SECRET_ARGS` i
 
 import os
 
-# Never uploaded: resumable state, caches and per-process debugging files.
+# Never uploaded: resumable state, caches, the converted single-file teacher and per-process debugging files.
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".incomplete-*", ".incomplete-*/**", "latent_cache/**",
-                          "process_states/**", "regions/embeddings.safetensors", "*.tmp"]
+                          "process_states/**", "regions/embeddings.safetensors", "*.tmp",
+                          "teacher_diffusers/**", "teacher_diffusers.incomplete/**"]
 
 
 class HubError(RuntimeError):
@@ -41,3 +42,32 @@ def push_output_folder(api, output_dir, repo_id, token=None, private=None, commi
     return api.upload_folder(repo_id=repo.repo_id if hasattr(repo, "repo_id") else repo_id, folder_path=output_dir,
                              commit_message=commit_message, ignore_patterns=UPLOAD_IGNORE_PATTERNS, token=token,
                              run_as_future=run_as_future)
+
+
+class CheckpointPusher:
+    """--hub_push_checkpoints: upload each checkpoint's student in the background, and account for it.
+
+    Uploads run as huggingface_hub futures so training does not wait on the network; `finish()` waits
+    for all of them at the end and returns the failures, so none is lost silently.
+    """
+
+    def __init__(self, api, repo_id, token=None):
+        self.api, self.repo_id, self.token = api, repo_id, token
+        self.pending = []
+
+    def push(self, student_folder, path_in_repo, step):
+        future = self.api.upload_folder(repo_id=self.repo_id, folder_path=student_folder, path_in_repo=path_in_repo,
+                                        commit_message=f"Student at step {step}", token=self.token,
+                                        run_as_future=True)
+        self.pending.append((step, future))
+        return future
+
+    def finish(self):
+        failures = []
+        for step, future in self.pending:
+            try:
+                future.result()
+            except Exception as error:  # reported to the user; the local checkpoint is unaffected
+                failures.append(f"step {step}: {type(error).__name__}: {error}")
+        self.pending = []
+        return failures

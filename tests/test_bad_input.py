@@ -101,3 +101,26 @@ def test_missing_embedding_model(assets, tmp_path):
                                   sampling="aria"), expect_success=False)
     fails_before_model_loading(result)
     assert "--region_embedding_model" in result.stderr
+
+
+def test_pickle_single_file_is_refused(assets, tmp_path, capsys):
+    checkpoint = tmp_path / "community.ckpt"
+    checkpoint.write_bytes(b"not loaded")
+    err = error_of(capsys, assets, tmp_path, pretrained_model_name_or_path=str(checkpoint))
+    assert "--pretrained_model_name_or_path" in err and "pickle" in err and ".safetensors" in err
+
+
+def test_single_file_offline_needs_a_config_folder(assets, tmp_path, capsys, monkeypatch):
+    checkpoint = tmp_path / "community.safetensors"
+    checkpoint.write_bytes(b"")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = error_of(capsys, assets, tmp_path, pretrained_model_name_or_path=str(checkpoint))
+    assert "--single_file_config" in err and "Offline" in err
+    err = error_of(capsys, assets, tmp_path, "--variant", "fp16", pretrained_model_name_or_path=str(checkpoint),
+                   single_file_config=assets["teacher"])
+    assert "--variant" in err
+
+
+def test_single_file_flags_need_a_single_file_teacher(assets, tmp_path, capsys):
+    err = error_of(capsys, assets, tmp_path, single_file_config=assets["teacher"])
+    assert "--single_file_config" in err and "not one" in err

@@ -153,6 +153,38 @@ def test_push_uploads_the_folder_without_checkpoints(tmp_path):
         assert not any(fnmatch.fnmatch(path, pattern) for pattern in UPLOAD_IGNORE_PATTERNS), path
 
 
+def test_checkpoint_pushes_run_in_background_and_failures_are_reported(tmp_path):
+    """--hub_push_checkpoints, verified on a recording stand-in for HfApi (no network here)."""
+    from concurrent.futures import Future
+
+    from aria_utils.hub import CheckpointPusher
+
+    class RecordingApi:
+        def __init__(self):
+            self.uploads = []
+
+        def upload_folder(self, **kwargs):
+            self.uploads.append(kwargs)
+            future = Future()
+            if len(self.uploads) == 2:
+                future.set_exception(ConnectionError("connection reset"))
+            else:
+                future.set_result("commit")
+            return future
+
+    api = RecordingApi()
+    pusher = CheckpointPusher(api, "user/bk-small-aria", token=TOKEN)
+    for step in (2, 4):
+        pusher.push(str(tmp_path / f"checkpoint-{step}" / "unet"), "unet", step)
+    assert [upload["folder_path"] for upload in api.uploads] == [str(tmp_path / "checkpoint-2" / "unet"),
+                                                                 str(tmp_path / "checkpoint-4" / "unet")]
+    assert all(upload["run_as_future"] and upload["repo_id"] == "user/bk-small-aria"
+               and upload["path_in_repo"] == "unet" for upload in api.uploads)
+    failures = pusher.finish()
+    assert len(failures) == 1 and "step 4" in failures[0] and "connection reset" in failures[0]
+    assert pusher.finish() == []
+
+
 def test_lora_student_can_be_evaluated(lora_run, assets, tmp_path):
     from aria_utils.evaluate import parse_args, run_evaluation
 

@@ -27,6 +27,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 sys.path.insert(0, REPO_ROOT)
 
 METHODS = ("paired", "random", "region_uniform", "aria")
+INITIAL = "no_training"  # the shared starting student, evaluated alongside as the reference
 # Tracker options that matter, each against the default aria run.
 ABLATIONS = {
     "aria_tau0.5": ["--aria_temperature", "0.5"],
@@ -35,10 +36,14 @@ ABLATIONS = {
     "aria_no_timestep_norm": ["--no-aria_normalize_timesteps"],
     "aria_importance_weights": ["--aria_importance_weighting"],
 }
-BUDGETS = {  # steps, batch, eval prompts per category, paired prompts, teacher steps
-    "quick": dict(steps=60, batch=8, heldout=6, paired=128, teacher_steps=150, eval_every=20),
-    "default": dict(steps=300, batch=16, heldout=12, paired=256, teacher_steps=300, eval_every=50),
+BUDGETS = {  # student steps, batch, held-out prompts per category, paired prompts, evaluation grid
+    "quick": dict(steps=60, batch=8, heldout=6, paired=128, eval_every=20, eval_timesteps=5, noise_seeds=["0"]),
+    "default": dict(steps=300, batch=16, heldout=12, paired=256, eval_every=50, eval_timesteps=10,
+                    noise_seeds=["0", "1"]),
 }
+# Below this share of output variance explained by the prompt, every allocation strategy looks alike
+# and the comparison says nothing (see conditioned_teacher.py).
+MIN_PROMPT_SHARE = 0.05
 
 
 def log(message):
@@ -79,6 +84,18 @@ def split_corpus(prompt_file, prompt_column, category_column, heldout_per_catego
     return paths, sorted(by_category)
 
 
+def save_initial_student(teacher, student_config, output_dir):
+    """The student every method starts from (BK-SDM init from the teacher): the 'no training' reference."""
+    from diffusers import UNet2DConditionModel
+
+    from aria_utils.students import build_student
+
+    if not os.path.isdir(os.path.join(output_dir, "unet")):
+        teacher_unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
+        build_student(teacher_unet, student_config).save_pretrained(os.path.join(output_dir, "unet"))
+    return output_dir
+
+
 def mean_std(values):
     values = np.asarray([v for v in values if v is not None], dtype=np.float64)
     if len(values) == 0:
@@ -87,10 +104,10 @@ def mean_std(values):
             "values": values.tolist()}
 
 
-def fmt(stat, scale=1.0, digits=4):
+def fmt(stat, scale=1.0, digits=4, unit=""):
     if stat is None:
         return "n/a"
-    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}{unit}"
 
 
 def collect(method_runs, reports, unseen, underrepresented):
@@ -101,6 +118,7 @@ def collect(method_runs, reports, unseen, underrepresented):
                 "step_time": [], "samples_per_second": [], "tracker_fraction": []}
         for seed, run_dir in runs.items():
             student = reports[seed]["students"][method]["discrepancy"]
+            summary_path = os.path.join(run_dir, "train_summary.json") if run_dir else None
             per_category = student.get("per_category", {})
             rows["overall"].append(student["mean"])
             rows["worst_region"].append(student["worst_region_mean"])
@@ -108,7 +126,7 @@ def collect(method_runs, reports, unseen, underrepresented):
             rows["underrepresented"].append(per_category.get(underrepresented))
             others = [v for c, v in per_category.items() if c not in (unseen, underrepresented)]
             rows["seen_categories"].append(float(np.mean(others)) if others else None)
-            summary = json.load(open(os.path.join(run_dir, "train_summary.json")))
+            summary = json.load(open(summary_path)) if summary_path else {}
             rows["step_time"].append(summary.get("mean_step_time"))
             rows["samples_per_second"].append(summary.get("samples_per_second"))
             rows["tracker_fraction"].append(summary.get("tracker_fraction"))
@@ -122,7 +140,9 @@ def write_results(results, config, output_dir, command):
         f"Command: `{command}`  ", f"Machine: {config['machine']}  ",
         f"Budget: {config['budget']} ({config['steps']} steps, batch {config['batch']}, student {config['student']}, "
         f"{config['num_regions']} regions), seeds {config['seeds']}  ",
-        f"Unseen category: `{config['unseen']}` (no paired latents); underrepresented: `{config['underrepresented']}`",
+        f"Unseen category: `{config['unseen']}` (no paired latents); underrepresented: `{config['underrepresented']}`  ",
+        f"Teacher: the prompt explains {config['teacher_conditioning']['prompt_share']:.1%} of its output variance "
+        f"({config['teacher_conditioning']['between_category_share']:.0%} of that between categories)",
         "", "Teacher-student noise-prediction MSE on held-out prompts (lower is better), mean ± std over seeds:", "",
         "| method | overall | worst region | unseen category | underrepresented category | seen categories "
         "| step time (s) | samples/s | tracker share of step |",
@@ -132,7 +152,7 @@ def write_results(results, config, output_dir, command):
         lines.append(f"| {method} | {fmt(stats['overall'])} | {fmt(stats['worst_region'])} | {fmt(stats['unseen'])} | "
                      f"{fmt(stats['underrepresented'])} | {fmt(stats['seen_categories'])} | "
                      f"{fmt(stats['step_time'], digits=3)} | {fmt(stats['samples_per_second'], digits=1)} | "
-                     f"{fmt(stats['tracker_fraction'], scale=100, digits=2)} % |")
+                     f"{fmt(stats['tracker_fraction'], scale=100, digits=2, unit=' %')} |")
     lines += ["", "Plots: `discrepancy_vs_step.png`, `discrepancy_per_category.png`.", ""]
     with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines))
@@ -159,6 +179,8 @@ def plot(method_runs, reports, output_dir):
             steps = [s for s, _ in curves[0]]
             values = np.asarray([[v for _, v in curve] for curve in curves if len(curve) == len(steps)])
             axis.errorbar(steps, values.mean(0), yerr=values.std(0), label=method, capsize=3)
+    initial = np.mean([reports[seed]["students"][INITIAL]["discrepancy"]["mean"] for seed in reports])
+    axis.axhline(initial, color="gray", linestyle="--", label=f"{INITIAL} (step 0)")
     axis.set_xlabel("step")
     axis.set_ylabel("held-out teacher-student MSE")
     axis.legend()
@@ -168,14 +190,15 @@ def plot(method_runs, reports, output_dir):
 
     seeds = list(reports)
     categories = sorted(reports[seeds[0]]["students"][next(iter(method_runs))]["discrepancy"]["per_category"])
-    width = 0.8 / len(method_runs)
+    bar_methods = [INITIAL, *method_runs]
+    width = 0.8 / len(bar_methods)
     figure, axis = plt.subplots(figsize=(max(7, 1.1 * len(categories)), 4))
-    for offset, method in enumerate(method_runs):
+    for offset, method in enumerate(bar_methods):
         values = np.asarray([[reports[s]["students"][method]["discrepancy"]["per_category"][c] for c in categories]
                              for s in seeds])
         axis.bar(np.arange(len(categories)) + offset * width, values.mean(0), width, yerr=values.std(0),
                  label=method, capsize=2)
-    axis.set_xticks(np.arange(len(categories)) + width * (len(method_runs) - 1) / 2)
+    axis.set_xticks(np.arange(len(categories)) + width * (len(bar_methods) - 1) / 2)
     axis.set_xticklabels(categories, rotation=30, ha="right")
     axis.set_ylabel("held-out teacher-student MSE")
     axis.legend()
@@ -187,7 +210,8 @@ def plot(method_runs, reports, output_dir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--quick", action="store_true", help="60 student steps and a 150-step teacher instead of 300 / 300 (shorter, but see README: too weak a teacher).")
+    parser.add_argument("--quick", action="store_true", help="60 student steps at batch 8 and a smaller evaluation "
+                        "grid, instead of 300 steps at batch 16.")
     parser.add_argument("--ablations", action="store_true", help="Also run the ARIA tracker-option ablations.")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -219,9 +243,16 @@ def main(argv=None):
 
     teacher = args.teacher_dir or os.path.join(out, "teacher")
     if not os.path.isdir(os.path.join(teacher, "unet")):
-        log(f"training the benchmark teacher ({budget['teacher_steps']} steps)")
+        log("building the benchmark teacher")
         run([python, "examples/benchmark/conditioned_teacher.py", "--prompt_file", paths["train"],
-             "--output_dir", teacher, "--steps", str(budget["teacher_steps"])], os.path.join(logs, "teacher.log"))
+             "--category_column", "category", "--output_dir", teacher], os.path.join(logs, "teacher.log"))
+    strength_path = os.path.join(teacher, "conditioning_strength.json")
+    strength = json.load(open(strength_path)) if os.path.isfile(strength_path) else None
+    if strength is None or strength["prompt_share"] < MIN_PROMPT_SHARE:
+        raise SystemExit(f"The teacher in {teacher} does not depend enough on its prompt "
+                         f"({strength and strength['prompt_share']}; need {MIN_PROMPT_SHARE}), so the methods could "
+                         "not differ; build it with examples/benchmark/conditioned_teacher.py.")
+    log(f"teacher: the prompt explains {strength['prompt_share']:.1%} of its output variance")
     paired = os.path.join(out, "paired")
     if not os.path.isdir(paired):
         log("generating the paired set (unseen category left out)")
@@ -234,6 +265,7 @@ def main(argv=None):
     run([python, "-m", "aria_utils.regions", "--prompt_file", paths["train"], "--num_regions", str(args.num_regions),
          "--output_dir", regions], os.path.join(logs, "regions.log"))
 
+    initial_student = save_initial_student(teacher, args.student_config, os.path.join(out, "initial_student"))
     variants = {method: [] for method in args.methods}
     if args.ablations:
         variants.update(ABLATIONS)
@@ -251,6 +283,9 @@ def main(argv=None):
                  "--condition_sampling", sampling, "--track_regions", "--num_regions", str(args.num_regions),
                  "--region_cache_dir", regions, "--seed", str(seed), "--train_batch_size", str(budget["batch"]),
                  "--max_train_steps", str(budget["steps"]), "--learning_rate", "5e-4",
+                 # The teacher is not a denoiser of its own latents, so the task loss would pull the
+                 # student away from it; the benchmark measures teacher-student agreement: KD only.
+                 "--lambda_sd", "0",
                  "--aria_warmup_steps", str(max(1, budget["steps"] // 10)),
                  "--checkpointing_steps", str(budget["steps"]), "--eval_prompt_file", paths["heldout"],
                  "--eval_steps", str(budget["eval_every"]), "--eval_num_timesteps", "4", "--eval_max_prompts", "256",
@@ -262,8 +297,9 @@ def main(argv=None):
         log(f"evaluating all students of seed {seed}")
         command_line = [python, "-m", "aria_utils.evaluate", "--teacher", teacher, "--prompt_file", paths["heldout"],
                         "--category_column", "category", "--region_cache_dir", regions, "--paired_data_dir", paired,
-                        "--num_timesteps", "10", "--num_sample_prompts_per_region", "1", "--output_dir", eval_dir,
-                        "--noise_seeds", "0", "1"]
+                        "--num_timesteps", str(budget["eval_timesteps"]), "--num_sample_prompts_per_region", "1",
+                        "--output_dir", eval_dir, "--noise_seeds", *budget["noise_seeds"]]
+        command_line += ["--student", f"{INITIAL}={initial_student}"]
         for name in variants:
             command_line += ["--student", f"{name}={method_runs[name][seed]}"]
         run(command_line, os.path.join(logs, f"eval-seed{seed}.log"))
@@ -275,8 +311,9 @@ def main(argv=None):
               "student": args.student_config, "num_regions": args.num_regions, "seeds": args.seeds,
               "unseen": args.unseen_category, "underrepresented": args.underrepresented_category,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only",
-              "prompt_file": prompt_file}
-    results = collect(method_runs, reports, args.unseen_category, args.underrepresented_category)
+              "prompt_file": prompt_file, "teacher_conditioning": strength}
+    results = collect({INITIAL: {seed: None for seed in args.seeds}, **method_runs}, reports, args.unseen_category,
+                      args.underrepresented_category)
     write_results(results, config, out, command)
     plot(method_runs, reports, out)
 
