@@ -167,7 +167,7 @@ def plot(method_runs, reports, output_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(9, 4))
     for method, runs in method_runs.items():
         curves = []
         for run_dir in runs.values():
@@ -182,15 +182,16 @@ def plot(method_runs, reports, output_dir):
     initial = np.mean([reports[seed]["students"][INITIAL]["discrepancy"]["mean"] for seed in reports])
     axis.axhline(initial, color="gray", linestyle="--", label=f"{INITIAL} (step 0)")
     axis.set_xlabel("step")
-    axis.set_ylabel("held-out teacher-student MSE")
-    axis.legend()
+    axis.set_ylabel("held-out teacher-student MSE (log)")
+    axis.set_yscale("log")
+    axis.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
     figure.tight_layout()
     figure.savefig(os.path.join(output_dir, "discrepancy_vs_step.png"), dpi=100)
     plt.close(figure)
 
     seeds = list(reports)
     categories = sorted(reports[seeds[0]]["students"][next(iter(method_runs))]["discrepancy"]["per_category"])
-    bar_methods = [INITIAL, *method_runs]
+    bar_methods = list(method_runs)  # no_training is ~10x higher and would flatten the differences
     width = 0.8 / len(bar_methods)
     figure, axis = plt.subplots(figsize=(max(7, 1.1 * len(categories)), 4))
     for offset, method in enumerate(bar_methods):
@@ -201,7 +202,11 @@ def plot(method_runs, reports, output_dir):
     axis.set_xticks(np.arange(len(categories)) + width * (len(bar_methods) - 1) / 2)
     axis.set_xticklabels(categories, rotation=30, ha="right")
     axis.set_ylabel("held-out teacher-student MSE")
-    axis.legend()
+    low = min(p.get_height() for p in axis.patches)
+    axis.set_ylim(bottom=0.8 * low)  # the differences between methods are a few percent
+    initial = np.mean([reports[seed]["students"][INITIAL]["discrepancy"]["mean"] for seed in seeds])
+    axis.set_title(f"after training ({INITIAL}: {initial:.4f} overall)")
+    axis.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
     figure.tight_layout()
     figure.savefig(os.path.join(output_dir, "discrepancy_per_category.png"), dpi=100)
     plt.close(figure)
@@ -294,6 +299,11 @@ def main(argv=None):
     reports = {}
     for seed in args.seeds:
         eval_dir = os.path.join(out, "eval", f"seed{seed}")
+        report_path = os.path.join(eval_dir, "report.json")
+        if os.path.isfile(report_path):  # an interrupted or repeated benchmark resumes here
+            reports[seed] = json.load(open(report_path))
+            if set(reports[seed]["students"]) == {INITIAL, *variants}:
+                continue
         log(f"evaluating all students of seed {seed}")
         command_line = [python, "-m", "aria_utils.evaluate", "--teacher", teacher, "--prompt_file", paths["heldout"],
                         "--category_column", "category", "--region_cache_dir", regions, "--paired_data_dir", paired,
@@ -303,7 +313,7 @@ def main(argv=None):
         for name in variants:
             command_line += ["--student", f"{name}={method_runs[name][seed]}"]
         run(command_line, os.path.join(logs, f"eval-seed{seed}.log"))
-        reports[seed] = json.load(open(os.path.join(eval_dir, "report.json")))
+        reports[seed] = json.load(open(report_path))
 
     import platform
 
