@@ -226,9 +226,6 @@ def validate_args(args, parser):
         parser.error(f"--prompt_file {args.prompt_file!r} does not exist.")
     if args.num_regions < 1:
         parser.error("--num_regions must be at least 1.")
-    if args.use_lora and args.use_ema:
-        parser.error("--use_ema with --use_lora is not supported yet: drop --use_ema (the adapter is small and "
-                     "trained at a steady lr) or train without --use_lora.")
     if args.lora_merge and not args.use_lora:
         parser.error("--lora_merge needs --use_lora.")
     if args.hub_push_checkpoints and not args.push_to_hub:
@@ -539,10 +536,15 @@ def main(args):
     student_features = FeatureRecorder(student, [pair[0] for pair in feature_pairs])
     teacher_features = FeatureRecorder(teacher_unet, [pair[1] for pair in feature_pairs])
 
+    def ema_parameters(model):
+        # With LoRA only the adapter changes: its EMA is all there is to average (and to store).
+        return trainable_parameters(model) if args.use_lora else list(model.parameters())
+
     ema_student = None
     if args.use_ema:
-        ema_student = EMAModel(student.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
-                               model_config=student.config)
+        ema_student = EMAModel(ema_parameters(student), decay=args.ema_decay,
+                               model_cls=None if args.use_lora else UNet2DConditionModel,
+                               model_config=None if args.use_lora else student.config)
         ema_student.to(accelerator.device)
     checkpointing.StudentCheckpointHooks(accelerator, UNet2DConditionModel, ema_student).register()
 
@@ -667,14 +669,14 @@ def main(args):
         """Validation and evaluation look at the EMA weights when there are any, in the training precision."""
         model = accelerator.unwrap_model(student)
         if ema_student is not None:
-            ema_student.store(model.parameters())
-            ema_student.copy_to(model.parameters())
+            ema_student.store(ema_parameters(model))
+            ema_student.copy_to(ema_parameters(model))
         try:
             with accelerator.autocast():
                 yield
         finally:
             if ema_student is not None:
-                ema_student.restore(model.parameters())
+                ema_student.restore(ema_parameters(model))
 
     def validate_and_plot(step):
         """Main process only, and free of collectives: the other processes do not wait here."""
@@ -770,7 +772,7 @@ def main(args):
             tracker.update_from_statistics(accelerator.reduce(step_statistics.to(accelerator.device), "sum").cpu())
             tracker_time += time.perf_counter() - tick
         if ema_student is not None and step_is_finite:
-            ema_student.step(accelerator.unwrap_model(student).parameters())
+            ema_student.step(ema_parameters(accelerator.unwrap_model(student)))
         global_step += 1
         progress_bar.update(1)
 
@@ -827,7 +829,7 @@ def main(args):
     if accelerator.is_main_process:
         final_student = accelerator.unwrap_model(student)
         if ema_student is not None:
-            ema_student.copy_to(final_student.parameters())
+            ema_student.copy_to(ema_parameters(final_student))
         if args.use_lora:
             from aria_utils.export import save_lora_student
 

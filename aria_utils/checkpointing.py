@@ -4,7 +4,7 @@ A checkpoint folder `checkpoint-<step>` holds
 - Accelerate's `save_state` output (optimizer, lr scheduler, grad scaler, RNG), written by every
   process so DeepSpeed/FSDP shards are saved too; Accelerate reads it back with torch's
   `weights_only` loader;
-- `unet/` (and `unet_ema/`): the student as a diffusers model folder in safetensors, written by the
+- `unet/` (and `unet_ema/`, or `unet_lora/` and `unet_lora_ema/` for LoRA): the student in safetensors, written by the
   save hook below instead of Accelerate's generic model file, so a checkpoint's student can be loaded
   on its own with `UNet2DConditionModel.from_pretrained`;
 - `training_state.json`: step, tracker and the rest of this project's state, written last.
@@ -103,6 +103,31 @@ def load_checkpoint(accelerator, path):
         return json.load(handle)
 
 
+PARAMETER_EMA_DIR = "unet_lora_ema"
+
+
+def save_parameter_ema(ema_model, directory):
+    """An EMAModel over a parameter list (no model class): shadow tensors in safetensors, counters in JSON."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    state = ema_model.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({f"shadow.{index}": tensor.detach().contiguous() for index, tensor in enumerate(shadow)},
+              os.path.join(directory, "ema.safetensors"))
+    _write_json_atomically(os.path.join(directory, "ema_state.json"), state)
+
+
+def load_parameter_ema(ema_model, directory):
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(directory, "ema.safetensors"))
+    with open(os.path.join(directory, "ema_state.json"), encoding="utf-8") as handle:
+        state = json.load(handle)
+    state["shadow_params"] = [tensors[f"shadow.{index}"] for index in range(len(tensors))]
+    ema_model.load_state_dict(state)
+
+
 class StudentCheckpointHooks:
     """Accelerate save/load hooks writing the student (and its EMA) as diffusers folders in safetensors."""
 
@@ -136,13 +161,19 @@ class StudentCheckpointHooks:
                 save_file({key: value.contiguous() for key, value in state_dict.items()},
                           os.path.join(directory, "diffusion_pytorch_model.safetensors"))
         if self.accelerator.is_main_process and self.ema_model is not None:
-            self.ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            if self.ema_model.model_cls is None:  # LoRA: an EMA of the adapter parameters only
+                save_parameter_ema(self.ema_model, os.path.join(output_dir, PARAMETER_EMA_DIR))
+            else:
+                self.ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
         # Accelerate must not also write its own copy of the weights.
         while weights:
             weights.pop()
 
     def load_model_hook(self, models, input_dir):
-        if self.ema_model is not None:
+        if self.ema_model is not None and self.ema_model.model_cls is None:
+            load_parameter_ema(self.ema_model, os.path.join(input_dir, PARAMETER_EMA_DIR))
+            self.ema_model.to(self.accelerator.device)
+        elif self.ema_model is not None:
             from diffusers.training_utils import EMAModel
 
             loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), self.student_class)

@@ -102,6 +102,25 @@ def test_lora_merge_writes_a_fused_student(assets, tmp_path):
     assert changed and all("attn" in k for k in changed)  # only LoRA-targeted attention weights moved
 
 
+def test_lora_with_ema_resumes_exactly_and_exports_the_average(assets, tmp_path):
+    lora_ema = ("--use_lora", "--lora_rank", "4", "--use_ema", "--ema_decay", "0.5", "--checkpointing_steps", "2")
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run(training_command(assets, straight, *lora_ema, steps=4))
+    run(training_command(assets, interrupted, *lora_ema, steps=2))
+    assert (interrupted / "checkpoint-2" / "unet_lora_ema" / "ema.safetensors").is_file()
+    run(training_command(assets, interrupted, *lora_ema, "--resume_from_checkpoint", "latest", steps=4))
+
+    exported = load_file(str(straight / "pytorch_lora_weights.safetensors"))
+    resumed = load_file(str(interrupted / "pytorch_lora_weights.safetensors"))
+    assert exported.keys() == resumed.keys()
+    assert all(torch.equal(exported[key], resumed[key]) for key in exported)
+    # The export is the EMA, not the last adapter state that the checkpoint holds.
+    raw = load_file(str(straight / "checkpoint-4" / "unet_lora" / "adapter_model.safetensors"))
+    shadow = load_file(str(straight / "checkpoint-4" / "unet_lora_ema" / "ema.safetensors"))
+    assert len(shadow) == len(raw)
+    assert sorted(t.norm().item() for t in raw.values()) != sorted(t.norm().item() for t in shadow.values())
+
+
 def test_8bit_adam_runs_on_cpu(assets, tmp_path):
     output = tmp_path / "adam8"
     result = run(training_command(assets, output, "--use_8bit_adam", "--checkpointing_steps", "100", steps=2))
