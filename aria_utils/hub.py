@@ -35,13 +35,11 @@ def default_repo_id(output_dir, hub_model_id=None):
     return hub_model_id or os.path.basename(os.path.normpath(output_dir))
 
 
-def push_output_folder(api, output_dir, repo_id, token=None, private=None, commit_message="Upload distilled student",
-                       run_as_future=False):
+def push_output_folder(api, output_dir, repo_id, token=None, private=None, commit_message="Upload distilled student"):
     """Create the repo (if needed) and upload OUTPUT_DIR without checkpoints and caches."""
     repo = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
     return api.upload_folder(repo_id=repo.repo_id if hasattr(repo, "repo_id") else repo_id, folder_path=output_dir,
-                             commit_message=commit_message, ignore_patterns=UPLOAD_IGNORE_PATTERNS, token=token,
-                             run_as_future=run_as_future)
+                             commit_message=commit_message, ignore_patterns=UPLOAD_IGNORE_PATTERNS, token=token)
 
 
 class CheckpointPusher:
