@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from aria_utils import checkpointing, conditioning, single_file, students
+from aria_utils.hub import looks_like_local_path
 from aria_utils.lora import trainable_parameters
 from aria_utils.losses import DistillationLoss, FeatureRecorder
 from aria_utils.paired_data import (
@@ -190,10 +191,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     validate_args(args, parser)
     return args
-
-
-def looks_like_local_path(name):
-    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep in name.replace("/", "", 1)
 
 
 def validate_args(args, parser):

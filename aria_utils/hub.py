@@ -31,6 +31,11 @@ def check_hub_access(token=None, api=None):
                        f"({type(error).__name__}); check the network and --hub_token / `hf auth login`.") from None
 
 
+def looks_like_local_path(name):
+    """True when `name` cannot be a hub id (org/name), so it must exist on disk."""
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep in name.replace("/", "", 1)
+
+
 def default_repo_id(output_dir, hub_model_id=None):
     return hub_model_id or os.path.basename(os.path.normpath(output_dir))
 

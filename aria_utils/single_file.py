@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 
+from aria_utils.hub import looks_like_local_path
+
 SAFE_SUFFIXES = (".safetensors",)
 # Pickle-based formats: loading them can run arbitrary code, so this project refuses them.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -39,7 +41,7 @@ def single_file_problem(path, config=None, original_config=None, revision=None, 
         return "--revision applies to hub checkpoints; drop it for a local single-file checkpoint."
     if config is not None and original_config is not None:
         return "Give --single_file_config or --original_config, not both (diffusers uses one of them)."
-    if config is not None and not os.path.isdir(config) and (config.startswith(("/", ".", "~")) or config.count("/") != 1):
+    if config is not None and not os.path.isdir(config) and looks_like_local_path(config):
         return f"--single_file_config {config!r} is neither a local diffusers folder nor a hub id of the form org/name."
     if original_config is not None and not is_url(original_config) and not os.path.isfile(original_config):
         return f"--original_config {original_config!r} does not exist (expected the LDM .yaml, e.g. v1-inference.yaml)."
