@@ -167,6 +167,7 @@ def plot(method_runs, reports, output_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    initial = np.mean([report["students"][INITIAL]["discrepancy"]["mean"] for report in reports.values()])
     figure, axis = plt.subplots(figsize=(9, 4))
     for method, runs in method_runs.items():
         curves = []
@@ -179,7 +180,6 @@ def plot(method_runs, reports, output_dir):
             steps = [s for s, _ in curves[0]]
             values = np.asarray([[v for _, v in curve] for curve in curves if len(curve) == len(steps)])
             axis.errorbar(steps, values.mean(0), yerr=values.std(0), label=method, capsize=3)
-    initial = np.mean([reports[seed]["students"][INITIAL]["discrepancy"]["mean"] for seed in reports])
     axis.axhline(initial, color="gray", linestyle="--", label=f"{INITIAL} (step 0)")
     axis.set_xlabel("step")
     axis.set_ylabel("held-out teacher-student MSE (log)")
@@ -204,7 +204,6 @@ def plot(method_runs, reports, output_dir):
     axis.set_ylabel("held-out teacher-student MSE")
     low = min(p.get_height() for p in axis.patches)
     axis.set_ylim(bottom=0.8 * low)  # the differences between methods are a few percent
-    initial = np.mean([reports[seed]["students"][INITIAL]["discrepancy"]["mean"] for seed in seeds])
     axis.set_title(f"after training ({INITIAL}: {initial:.4f} overall)")
     axis.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
     figure.tight_layout()
