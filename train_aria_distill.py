@@ -15,6 +15,7 @@ teacher. See README.md and METHOD.md-style notes in aria_utils/.
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -27,19 +28,23 @@ import numpy as np
 import torch
 
 from aria_utils import checkpointing, conditioning, single_file, students
-from aria_utils.hub import looks_like_local_path
+from aria_utils.files import apply_umask_tree
+from aria_utils.hub import PIPELINE_SUBFOLDERS, pretrained_source_problem
 from aria_utils.lora import trainable_parameters
-from aria_utils.losses import DistillationLoss, FeatureRecorder
+from aria_utils.losses import DistillationLoss, FeatureRecorder, training_target
 from aria_utils.paired_data import (
     PairedDataError,
     check_image_folder,
+    check_paired_set_is_finished,
     encode_image_dataset,
     is_teacher_latent_dir,
     load_image_caption_dataset,
     load_paired_latents,
 )
-from aria_utils.prompts import PromptCorpusError, load_prompt_corpus
+from aria_utils.prompts import PromptCorpusError, check_prompt_file, load_prompt_corpus
+from aria_utils.quiet import silence_known_harmless_messages
 from aria_utils.regions import RegionIndexError
+from aria_utils.step_batches import ConditionAssembler, PairedMicroBatches, micro_batch_loader
 
 logger = logging.getLogger("train_aria_distill")
 
@@ -75,7 +80,8 @@ def build_parser():
     parser.add_argument("--caption_column", default="text")
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--dataloader_num_workers", type=int, default=0,
-                        help="Workers decoding images for the one-time VAE encoding (training reads cached latents).")
+                        help="DataLoader workers preparing each step's latents, noise and timesteps ahead of the "
+                             "device (and decoding images for the one-time VAE encoding). 0: in the main process.")
     parser.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
     parser.add_argument("--resolution", type=int, default=None,
                         help="Image resolution for image datasets and validation; default: the teacher's.")
@@ -121,6 +127,9 @@ def build_parser():
                         help="Weight random-conditioned samples by b_k/pi_k so the expected gradient equals RC's.")
     # ----- optimisation -----
     parser.add_argument("--output_dir", default="aria-distill-output")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="Delete the checkpoints and outputs of an earlier run in --output_dir and start over "
+                             "(without it, a fresh run into such a folder is refused).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_batch_size", type=int, default=16, help="Per device.")
     parser.add_argument("--num_train_epochs", type=int, default=1, help="Used only when --max_train_steps is not set.")
@@ -160,6 +169,9 @@ def build_parser():
     parser.add_argument("--hub_private", action="store_true")
     parser.add_argument("--hub_push_checkpoints", action="store_true",
                         help="Also push the student UNet at every checkpoint, in the background.")
+    parser.add_argument("--ddp_timeout", type=int, default=7200,
+                        help="Seconds a process may wait for the others (e.g. while the main process builds the region "
+                             "index or encodes images on first start); the NCCL default of 600 is too short for that.")
     parser.add_argument("--on_nonfinite", choices=["skip", "stop"], default="skip",
                         help="A non-finite loss skips the update (counted and logged) or stops with a checkpoint.")
     # ----- logging, checkpoints, validation -----
@@ -194,61 +206,173 @@ def parse_args(argv=None):
 
 
 def validate_args(args, parser):
-    """Everything checkable without loading a model: fail in seconds, naming the flag."""
-    if single_file.is_single_file(args.pretrained_model_name_or_path):
-        problem = single_file.single_file_problem(args.pretrained_model_name_or_path, args.single_file_config,
-                                                  args.original_config, args.revision, args.variant)
+    """Everything checkable without loading a model: fail in seconds, naming the flag and the fix."""
+    for find_problem in (number_problem, combination_problem, teacher_problem, data_problem, output_dir_problem):
+        problem = find_problem(args)
         if problem:
             parser.error(problem)
-    elif args.single_file_config or args.original_config:
-        parser.error("--single_file_config / --original_config describe a single-file .safetensors teacher; "
-                     f"{args.pretrained_model_name_or_path!r} is not one.")
-    elif not os.path.isdir(args.pretrained_model_name_or_path) and looks_like_local_path(args.pretrained_model_name_or_path):
-        parser.error(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is neither a local "
-                     "folder nor a hub id of the form org/name.")
-    if args.student_model_name_or_path and not os.path.isdir(args.student_model_name_or_path) \
-            and looks_like_local_path(args.student_model_name_or_path):
-        parser.error(f"--student_model_name_or_path {args.student_model_name_or_path!r} does not exist.")
-    if args.train_data_dir is None and args.dataset_name is None:
-        parser.error("Paired data is needed: --train_data_dir (teacher latents or imagefolder) or --dataset_name.")
-    if args.train_data_dir is not None and not is_teacher_latent_dir(args.train_data_dir) and args.dataset_name is None:
-        try:
-            check_image_folder(args.train_data_dir, args.caption_column)
-        except ValueError as error:
-            parser.error(str(error))
-    if args.condition_sampling != "paired" and args.prompt_file is None and args.prompt_dataset_name is None:
-        parser.error(f"--condition_sampling {args.condition_sampling} draws prompts from a condition corpus: "
-                     "give --prompt_file or --prompt_dataset_name (or use --condition_sampling paired).")
-    if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
-        parser.error(f"--prompt_file {args.prompt_file!r} does not exist.")
-    if args.num_regions < 1:
-        parser.error("--num_regions must be at least 1.")
-    if args.lora_merge and not args.use_lora:
-        parser.error("--lora_merge needs --use_lora.")
-    if args.hub_push_checkpoints and not args.push_to_hub:
-        parser.error("--hub_push_checkpoints needs --push_to_hub.")
-    if args.eval_steps is not None and args.eval_prompt_file is None:
-        parser.error("--eval_steps needs --eval_prompt_file (held-out prompts).")
-    if args.eval_prompt_file is not None and not os.path.isfile(args.eval_prompt_file):
-        parser.error(f"--eval_prompt_file {args.eval_prompt_file!r} does not exist.")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
+
+
+# Flags and the values they accept; checked before anything is loaded.
+AT_LEAST_ONE = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
+                "ddp_timeout", "num_regions", "num_train_epochs", "validation_inference_steps", "eval_max_prompts",
+                "eval_num_timesteps", "aria_timestep_buckets", "lora_rank", "region_embedding_batch_size")
+AT_LEAST_ONE_WHEN_SET = ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "eval_steps")
+POSITIVE = ("learning_rate", "adam_epsilon", "max_grad_norm", "aria_temperature", "lora_alpha")
+NON_NEGATIVE = ("lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "lambda_sd", "lambda_kd_output",
+                "lambda_kd_feat", "aria_warmup_steps", "aria_warmup_min_visits", "random_conditioning_lambda",
+                "validation_guidance_scale")
+DECAY_RATES = ("adam_beta1", "adam_beta2", "ema_decay", "aria_ema_decay")  # in [0, 1)
+
+
+def number_problem(args):
+    for flag in AT_LEAST_ONE:
         if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1.")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        parser.error("--max_train_steps must be at least 1.")
+            return f"--{flag} must be at least 1, got {getattr(args, flag)}."
+    for flag in AT_LEAST_ONE_WHEN_SET:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            return f"--{flag} must be at least 1, got {getattr(args, flag)}."
+    for flag in POSITIVE:
+        if not getattr(args, flag) > 0:
+            return f"--{flag} must be greater than 0, got {getattr(args, flag)}."
+    for flag in NON_NEGATIVE:
+        if getattr(args, flag) < 0:
+            return f"--{flag} must be 0 or more, got {getattr(args, flag)}."
+    for flag in DECAY_RATES:
+        if not 0.0 <= getattr(args, flag) < 1.0:
+            return f"--{flag} must be in [0, 1), got {getattr(args, flag)}."
     if not 0.0 <= args.text_drop_prob <= 1.0:
-        parser.error("--text_drop_prob must be in [0, 1].")
+        return f"--text_drop_prob must be in [0, 1], got {args.text_drop_prob}."
     if not 0.0 < args.aria_uniform_mix <= 1.0:
-        parser.error("--aria_uniform_mix must be in (0, 1]: eps > 0 keeps every region visited.")
-    if not 0.0 <= args.aria_ema_decay < 1.0:
-        parser.error("--aria_ema_decay must be in [0, 1).")
-    if args.aria_temperature <= 0:
-        parser.error("--aria_temperature must be > 0.")
-    if args.resume_from_checkpoint not in (None, "latest"):
+        return f"--aria_uniform_mix must be in (0, 1] (eps > 0 keeps every region visited), got {args.aria_uniform_mix}."
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        return f"--resolution must be a positive multiple of 8 (the VAE's downsampling), got {args.resolution}."
+    return None
+
+
+def combination_problem(args):
+    if args.lora_merge and not args.use_lora:
+        return "--lora_merge needs --use_lora."
+    if args.hub_push_checkpoints and not args.push_to_hub:
+        return "--hub_push_checkpoints needs --push_to_hub."
+    if args.eval_steps is not None and args.eval_prompt_file is None:
+        return "--eval_steps needs --eval_prompt_file (held-out prompts)."
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        return ("--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would resume from; "
+                "pass one of them.")
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        return ("--hub_token with --report_to wandb would expose the token: wandb records the command line. Log in "
+                "with `hf auth login` instead of passing --hub_token.")
+    for tracker, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if args.report_to == tracker and importlib.util.find_spec(package) is None:
+            return f"--report_to {tracker} needs the {package} package: pip install {package}, or --report_to none."
+    from diffusers.optimization import SchedulerType
+
+    names = [member.value for member in SchedulerType]
+    if args.lr_scheduler not in names:
+        return f"--lr_scheduler {args.lr_scheduler!r} is unknown; use one of {', '.join(names)}."
+    if args.validation_prompts is not None and not all(prompt.strip() for prompt in args.validation_prompts):
+        return "--validation_prompts holds an empty prompt; give non-empty prompts (quote each one)."
+    return None
+
+
+def teacher_problem(args):
+    teacher = args.pretrained_model_name_or_path
+    if single_file.is_single_file(teacher):
+        return single_file.single_file_problem(teacher, args.single_file_config, args.original_config, args.revision,
+                                               args.variant)
+    if args.single_file_config or args.original_config:
+        return (f"--single_file_config / --original_config describe a single-file .safetensors teacher; "
+                f"{teacher!r} is not one.")
+    required = [f"{folder}/" for folder in PIPELINE_SUBFOLDERS] + ["unet/config.json"]
+    problem = pretrained_source_problem(teacher, "--pretrained_model_name_or_path", required, args.revision)
+    if problem or not args.student_model_name_or_path:
+        return problem
+    student = args.student_model_name_or_path
+    if os.path.isdir(student) and not any(os.path.isfile(os.path.join(student, path))
+                                          for path in ("config.json", "unet/config.json")):
+        return (f"--student_model_name_or_path {student!r} holds neither config.json nor unet/config.json: pass a "
+                "UNet folder or a pipeline folder.")
+    return pretrained_source_problem(student, "--student_model_name_or_path")
+
+
+def data_problem(args):
+    if args.train_data_dir is None and args.dataset_name is None:
+        return "Paired data is needed: --train_data_dir (teacher latents or imagefolder) or --dataset_name."
+    if args.train_data_dir is not None and args.dataset_name is None:
         try:
-            checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        except FileNotFoundError as error:
-            parser.error(str(error))
+            if is_teacher_latent_dir(args.train_data_dir):
+                check_paired_set_is_finished(args.train_data_dir)
+            else:
+                check_image_folder(args.train_data_dir, args.caption_column)
+        except PairedDataError as error:
+            return str(error)
+    if args.condition_sampling != "paired" and args.prompt_file is None and args.prompt_dataset_name is None:
+        return (f"--condition_sampling {args.condition_sampling} draws prompts from a condition corpus: "
+                "give --prompt_file or --prompt_dataset_name (or use --condition_sampling paired).")
+    try:
+        if args.prompt_file is not None:
+            check_prompt_file(args.prompt_file)
+        if args.eval_prompt_file is not None:
+            check_prompt_file(args.eval_prompt_file, "--eval_prompt_file")
+    except PromptCorpusError as error:
+        return str(error)
+    return None
+
+
+def output_dir_problem(args):
+    """OUTPUT_DIR must be a folder, and a fresh run must not replace another run's work."""
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        return f"--output_dir {args.output_dir!r} is a file; pass a folder (it is created if needed)."
+    try:
+        resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, warn=False)
+    except FileNotFoundError as error:
+        return str(error)
+    previous = checkpointing.previous_run_outputs(args.output_dir)
+    if resume_path is None and previous and not args.overwrite_output_dir:
+        shown = ", ".join(previous[:5]) + (", ..." if len(previous) > 5 else "")
+        damaged = " (none of its checkpoints is intact)" if args.resume_from_checkpoint == "latest" else ""
+        return (f"--output_dir {args.output_dir!r} holds another run's work{damaged}: {shown}. Resume it with "
+                "--resume_from_checkpoint latest, choose a new --output_dir, or pass --overwrite_output_dir to delete "
+                "it and start over.")
+    return None
+
+
+SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def read_teacher_configs(args):
+    """The teacher UNet's config, read before any weights (None for a single file, converted later).
+
+    A wrong hub id or revision, or a teacher this script cannot train against, fails here: before the
+    corpus is read and the region index is built.
+    """
+    if single_file.is_single_file(args.pretrained_model_name_or_path):
+        return None
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    kwargs = dict(revision=args.revision, cache_dir=args.cache_dir)
+    try:
+        unet_config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet", **kwargs)
+        scheduler_config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                                     **kwargs)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: its "
+                         f"unet/ and scheduler/ configs could not be read ({type(error).__name__}: {error}).") from None
+    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    if prediction_type not in SUPPORTED_PREDICTION_TYPES:
+        raise SystemExit(f"error: the teacher's scheduler predicts {prediction_type!r}; this script trains "
+                         f"{', '.join(SUPPORTED_PREDICTION_TYPES)} teachers.")
+    return unet_config
+
+
+def check_batch_fits(args, num_paired, num_processes):
+    """A global batch larger than the paired set would repeat latents inside every batch."""
+    global_batch = args.train_batch_size * num_processes
+    if global_batch > num_paired:
+        raise SystemExit(f"error: --train_batch_size {args.train_batch_size} x {num_processes} process(es) = "
+                         f"{global_batch} exceeds the {num_paired} paired latents, so every batch would repeat "
+                         "latents: lower --train_batch_size, or generate more paired data.")
 
 
 def uses_regions(args):
@@ -354,12 +478,22 @@ def write_card(args, teacher_path, teacher_unet, student):
         lora=args.use_lora and not args.lora_merge)
 
 
-def write_train_summary(path, step_times, tracker_times, total_batch_size, global_step, nonfinite_skipped):
-    """Throughput of this run's steps (the first few are excluded as warm-up), and ARIA's share of it."""
+def peak_host_memory_bytes():
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def write_train_summary(path, step_times, tracker_times, total_batch_size, global_step, nonfinite_skipped,
+                        first_step_finished_at=None):
+    """Throughput of this run's steps (the first few are excluded as warm-up), ARIA's share of it, and
+    the main process's peak host memory and the wall-clock time its first step finished."""
     skip = min(3, max(0, len(step_times) - 1))
     steady_steps, steady_tracker = np.asarray(step_times[skip:]), np.asarray(tracker_times[skip:])
     summary = {"global_step": global_step, "steps_timed": int(len(steady_steps)),
-               "nonfinite_skipped": nonfinite_skipped}
+               "nonfinite_skipped": nonfinite_skipped, "peak_host_memory_bytes": peak_host_memory_bytes(),
+               "first_step_finished_at": first_step_finished_at}
     if len(steady_steps):
         summary.update(mean_step_time=float(steady_steps.mean()), median_step_time=float(np.median(steady_steps)),
                        samples_per_second=float(total_batch_size / steady_steps.mean()),
@@ -369,13 +503,14 @@ def write_train_summary(path, step_times, tracker_times, total_batch_size, globa
         json.dump(summary, handle, indent=2)
 
 
-def write_process_state(output_dir, accelerator, student, tracker, conditions_digest):
+def write_process_state(output_dir, accelerator, student, tracker, conditions_digest, first_step_finished_at=None):
     weights = hashlib.sha256()
     for name, tensor in sorted(accelerator.unwrap_model(student).state_dict().items()):
         weights.update(name.encode())
         weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     state = {"process_index": accelerator.process_index, "student_sha256": weights.hexdigest(),
-             "conditions_sha256": conditions_digest, "tracker": tracker.state_dict() if tracker is not None else None}
+             "conditions_sha256": conditions_digest, "tracker": tracker.state_dict() if tracker is not None else None,
+             "peak_host_memory_bytes": peak_host_memory_bytes(), "first_step_finished_at": first_step_finished_at}
     directory = os.path.join(output_dir, "process_states")
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, f"rank_{accelerator.process_index}.json"), "w", encoding="utf-8") as handle:
@@ -383,10 +518,16 @@ def write_process_state(output_dir, accelerator, student, tracker, conditions_di
 
 
 class PreemptionFlag:
-    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and exits cleanly."""
+    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and exits.
+
+    The exit status is 128 + the signal (143 for SIGTERM, 130 for Ctrl-C), as a shell reports a
+    process ended by that signal, so a scheduler can tell an interrupted run from a finished one.
+    Processes that stop because another one was signalled exit with 143.
+    """
 
     def __init__(self):
         self.requested = False
+        self.signum = None
 
     def install(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -395,11 +536,18 @@ class PreemptionFlag:
     def _handle(self, signum, frame):
         logger.warning("Received signal %d: finishing this step, then checkpointing and exiting.", signum)
         self.requested = True
+        self.signum = signum
+
+    @property
+    def exit_status(self):
+        return 128 + (self.signum or signal.SIGTERM)
 
 
 def main(args):
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -417,6 +565,7 @@ def main(args):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
     check_mixed_precision(accelerator)
     check_process_group(accelerator)
@@ -448,10 +597,23 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            removed = checkpointing.remove_previous_run(args.output_dir, args.logging_dir)
+            if removed:
+                logger.warning("--overwrite_output_dir: deleted %s from %s.", ", ".join(removed), args.output_dir)
         os.makedirs(args.output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
+    # "latest" is the newest intact checkpoint (damaged newer ones are skipped with a warning).
     resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if resume_path is not None:
+        mismatches = checkpointing.resume_mismatches(checkpointing.read_training_state(resume_path).get("args", {}),
+                                                     args)
+        if mismatches:
+            raise SystemExit(f"error: {resume_path} was written by another configuration ({'; '.join(mismatches)}). "
+                             "Resume with the checkpoint's flags, or start a new run in another --output_dir.")
 
-    # ---------------------------------------------------------------- Data first: cheap, fails fast
+    # ---------------------------------------------------------------- Teacher configs (no weights yet), then data
+    teacher_unet_config = read_teacher_configs(args)
     corpus = None
     if args.prompt_file is not None or args.prompt_dataset_name is not None:
         corpus = load_prompt_corpus(args.prompt_file, args.prompt_dataset_name, args.prompt_column)
@@ -461,7 +623,13 @@ def main(args):
                              "corpus; lower --num_regions.")
     image_dataset = None
     if is_teacher_latent_dir(args.train_data_dir):
-        paired = load_paired_latents(args.train_data_dir)
+        # Memory-mapped: opening reads the manifest and captions, never the latents themselves.
+        paired = load_paired_latents(args.train_data_dir, max_samples=args.max_train_samples)
+        check_batch_fits(args, len(paired), accelerator.num_processes)
+        if teacher_unet_config is not None and paired.latent_shape[0] != teacher_unet_config["in_channels"]:
+            raise SystemExit(f"error: --train_data_dir {args.train_data_dir!r} holds {paired.latent_shape[0]}-channel "
+                             f"latents, the teacher UNet takes {teacher_unet_config['in_channels']}: it was made with "
+                             "another model; generate the paired set with this teacher.")
     else:
         image_dataset = load_image_caption_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir,
                                                    args.image_column, args.caption_column, args.cache_dir,
@@ -481,6 +649,7 @@ def main(args):
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # ---------------------------------------------------------------- Models
+    logger.info("Loading the teacher %s", args.pretrained_model_name_or_path)
     load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     teacher_path = args.pretrained_model_name_or_path
     if single_file.is_single_file(teacher_path):
@@ -554,8 +723,9 @@ def main(args):
                                           teacher_path, accelerator.device, weight_dtype,
                                           show_progress=accelerator.is_local_main_process,
                                           num_workers=args.dataloader_num_workers, seed=args.seed)
-    if paired.latents.shape[1] != teacher_unet.config.in_channels:
-        raise SystemExit(f"The paired latents have {paired.latents.shape[1]} channels, the teacher UNet expects "
+        check_batch_fits(args, len(paired), accelerator.num_processes)
+    if paired.latent_shape[0] != teacher_unet.config.in_channels:
+        raise SystemExit(f"The paired latents have {paired.latent_shape[0]} channels, the teacher UNet expects "
                          f"{teacher_unet.config.in_channels}: --train_data_dir was made with another model.")
     caption_region_ids = np.full(len(paired), -1, dtype=np.int64)
     if region_index is not None:
@@ -610,7 +780,10 @@ def main(args):
     nonfinite_skipped = 0
     if resume_path is not None:
         logger.info("Resuming from %s", resume_path)
-        state = checkpointing.load_checkpoint(accelerator, resume_path)
+        try:
+            state = checkpointing.load_checkpoint(accelerator, resume_path)
+        except checkpointing.CheckpointError as error:
+            raise SystemExit(f"error: {error}")
         global_step = state["global_step"]
         nonfinite_skipped = state.get("nonfinite_skipped", 0)
         if tracker is not None:
@@ -654,10 +827,23 @@ def main(args):
                 args.train_batch_size, num_processes, args.gradient_accumulation_steps, total_batch_size)
     logger.info("  Steps = %d (starting at %d)", max_train_steps, global_step)
 
-    preemption = PreemptionFlag()
-    preemption.install()
+    # ---------------------------------------------------------------- Step data
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     prediction_type = noise_scheduler.config.prediction_type
+    micro_batches = PairedMicroBatches(
+        paired, args.train_batch_size, args.gradient_accumulation_steps, accelerator.process_index, num_processes,
+        args.seed, num_train_timesteps, caption_region_ids, max_train_steps * args.gradient_accumulation_steps)
+    micro_batch_iterator = iter(micro_batch_loader(
+        micro_batches, global_step * args.gradient_accumulation_steps, num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda"))
+    assemble_micro_batch = ConditionAssembler(
+        args.condition_sampling, sampler, corpus.prompts if corpus is not None else None, tokenizer, args.seed,
+        accelerator.process_index, num_train_timesteps, schedule=args.random_conditioning_schedule,
+        strength=args.random_conditioning_lambda, text_drop_prob=args.text_drop_prob,
+        importance_weighting=args.aria_importance_weighting)
+
+    preemption = PreemptionFlag()
+    preemption.install()
     progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
 
@@ -687,6 +873,7 @@ def main(args):
                     run_tracker.writer.add_image("aria/region_discrepancy_heatmap", image, step, dataformats="HWC")
 
     step_times, tracker_times = [], []
+    first_step_finished_at = None  # wall clock, for start-up measurements (examples/benchmark/scale.py)
     while global_step < max_train_steps:
         step_start = time.perf_counter()
         tracker_time = 0.0  # ARIA's own cost: allocation, statistics, update
@@ -699,29 +886,18 @@ def main(args):
         logs = {"loss": 0.0, "loss/task": 0.0, "loss/kd_output": 0.0, "loss/kd_feat": 0.0, "random_fraction": 0.0}
         locally_finite = step_is_finite = True
         for micro_step in range(args.gradient_accumulation_steps):
-            generator = conditioning.step_generator(args.seed, global_step, micro_step, accelerator.process_index)
-            indices = conditioning.paired_batch_indices(
-                len(paired), args.train_batch_size, global_step * args.gradient_accumulation_steps + micro_step,
-                accelerator.process_index, num_processes, args.seed)
-            latents = paired.latents[indices]
-            noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.randint(0, num_train_timesteps, (len(indices),), generator=generator)
-            conditions = conditioning.choose_conditions(
-                [paired.captions[i] for i in indices], caption_region_ids[indices], timesteps, num_train_timesteps,
-                args.condition_sampling, sampler, corpus.prompts if corpus is not None else None, generator,
-                region_probabilities=region_probabilities, schedule=args.random_conditioning_schedule,
-                strength=args.random_conditioning_lambda, text_drop_prob=args.text_drop_prob,
-                importance_weighting=args.aria_importance_weighting and args.condition_sampling != "paired",
-            )
+            # Latents, noise and timesteps were prepared ahead by the loader; the conditions are drawn
+            # now, from the allocation of the tracker as it stands after the previous step.
+            batch = assemble_micro_batch(next(micro_batch_iterator), global_step, micro_step, region_probabilities,
+                                         accelerator.device)
+            conditions, latents, noise, timesteps = batch.conditions, batch.latents, batch.noise, batch.timesteps
             if args.debug_process_states:
                 drawn_conditions.update("\x1f".join(conditions.prompts).encode("utf-8"))
-            latents, noise, timesteps = (x.to(accelerator.device) for x in (latents, noise, timesteps))
             noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+            target = training_target(prediction_type, noise_scheduler, latents, noise, timesteps)
 
             with accelerator.accumulate(student):
-                input_ids = tokenizer(conditions.prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                                      truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
+                input_ids = batch.input_ids
                 with torch.no_grad():
                     encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
                     teacher_pred = teacher_unet(noisy_latents.to(weight_dtype), timesteps, encoder_hidden_states).sample
@@ -782,6 +958,8 @@ def main(args):
             tracker_time += time.perf_counter() - tick
         step_time = time.perf_counter() - step_start
         step_times.append(step_time)
+        if first_step_finished_at is None:
+            first_step_finished_at = time.time()
         tracker_times.append(tracker_time)
         logs.update({"lr": lr_scheduler.get_last_lr()[0], "step_time": step_time, "tracker_time": tracker_time,
                      "samples_per_second": total_batch_size / step_time, "nonfinite_skipped": nonfinite_skipped})
@@ -817,11 +995,12 @@ def main(args):
         if stop_now:
             logger.warning("Preempted: checkpoint-%d written; resume with --resume_from_checkpoint latest.", global_step)
             accelerator.end_training()
-            return
+            raise SystemExit(preemption.exit_status)
 
     # ---------------------------------------------------------------- Final pipeline
     if args.debug_process_states:
-        write_process_state(args.output_dir, accelerator, student, tracker, drawn_conditions.hexdigest())
+        write_process_state(args.output_dir, accelerator, student, tracker, drawn_conditions.hexdigest(),
+                            first_step_finished_at)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_student = accelerator.unwrap_model(student)
@@ -844,7 +1023,7 @@ def main(args):
         with open(os.path.join(args.output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
             json.dump(public_args(args), handle, indent=2)
         write_train_summary(os.path.join(args.output_dir, "train_summary.json"), step_times, tracker_times,
-                            total_batch_size, global_step, nonfinite_skipped)
+                            total_batch_size, global_step, nonfinite_skipped, first_step_finished_at)
         # The card names the teacher as the user gave it (hub id, folder or file), not its converted copy.
         write_card(args, args.pretrained_model_name_or_path, teacher_unet, accelerator.unwrap_model(student))
         if checkpoint_pusher is not None:  # finished before the final upload: one commit at a time
@@ -858,6 +1037,7 @@ def main(args):
             repo_id = default_repo_id(args.output_dir, args.hub_model_id)
             push_output_folder(HfApi(), args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
             logger.info("Pushed %s to the Hub as %s", args.output_dir, repo_id)
+        apply_umask_tree(args.output_dir)  # safetensors writes 0600 files; others on the cluster must read them
         logger.info("Student pipeline saved to %s", args.output_dir)
     student_features.remove()
     teacher_features.remove()
@@ -865,6 +1045,7 @@ def main(args):
 
 
 if __name__ == "__main__":
+    silence_known_harmless_messages()
     arguments = parse_args()
     try:
         main(arguments)

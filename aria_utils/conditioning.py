@@ -78,6 +78,13 @@ class ConditionBatch:
     sample_weights: torch.Tensor  # float (batch,): importance weights (ones unless asked for)
 
 
+def condition_draws(batch_size, generator):
+    """The two uniform draws per sample that decide replacement and text drop (independent of the mode)."""
+    replace_draw = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    drop_draw = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    return replace_draw, drop_draw
+
+
 def choose_conditions(
     captions,
     caption_region_ids,
@@ -92,17 +99,21 @@ def choose_conditions(
     strength=5.0,
     text_drop_prob=0.1,
     importance_weighting=False,
+    draws=None,
 ):
-    """Decide every sample's condition: its own caption, a random corpus prompt, or "" (CFG drop)."""
+    """Decide every sample's condition: its own caption, a random corpus prompt, or "" (CFG drop).
+
+    `draws` are the (replace, drop) uniforms of `condition_draws`, when drawn ahead (by a DataLoader
+    worker); `generator` then only picks the regions and prompts of the replaced samples.
+    """
     batch_size = len(captions)
     prompts = list(captions)
     region_ids = torch.as_tensor(caption_region_ids, dtype=torch.long).clone()
     is_paired = torch.ones(batch_size, dtype=torch.bool)
     weights = torch.ones(batch_size, dtype=torch.float32)
 
-    # Draw the random numbers unconditionally so the stream does not depend on the mode.
-    replace_draw = torch.rand(batch_size, generator=generator, dtype=torch.float64)
-    drop_draw = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    # Drawn unconditionally so the stream does not depend on the mode.
+    replace_draw, drop_draw = draws if draws is not None else condition_draws(batch_size, generator)
     if mode != "paired":
         p_replace = random_conditioning_probability(timesteps.cpu(), num_train_timesteps, schedule, strength)
         replaced = replace_draw < p_replace
@@ -126,16 +137,22 @@ def choose_conditions(
     return ConditionBatch(prompts=prompts, is_paired=is_paired, region_ids=region_ids, sample_weights=weights)
 
 
-def step_generator(seed, step, micro_step, process_index):
-    """The generator for one micro-batch of one process.
+# Independent random streams of one micro-batch: what a DataLoader worker draws ahead (noise,
+# timesteps, replace/drop decisions) and what the training loop draws once the tracker is current
+# (the regions and prompts of replaced samples).
+DATA_STREAM, CONDITION_STREAM = 0, 1
 
-    Every random choice of a training step (paired indices, noise, timesteps, random conditions,
-    text drop) comes from here. It is a pure function of (seed, step, micro-step, process), so a
-    resumed run replays exactly the stream an uninterrupted run would have, and no two processes
-    draw the same conditions.
+
+def step_generator(seed, step, micro_step, process_index, stream=DATA_STREAM):
+    """The generator for one stream of one micro-batch of one process.
+
+    Every random choice of a training step comes from here. It is a pure function of (seed, step,
+    micro-step, process, stream), so a resumed run replays exactly the stream an uninterrupted run
+    would have, and no two processes draw the same conditions.
     """
     mixed = (seed * 1_000_003 + step) * 1_009 + micro_step
     mixed = mixed * 10_007 + process_index
+    mixed = mixed * 3 + stream
     generator = torch.Generator()
     generator.manual_seed(mixed % (2**63 - 1))
     return generator

@@ -31,6 +31,7 @@ from aria_utils.evaluation import (
     region_labels,
     summarise_discrepancy,
 )
+from aria_utils.hub import pretrained_source_problem
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,11 @@ def parse_args(argv=None):
     names = [name for name, _ in args.student]
     if len(set(names)) != len(names):
         parser.error(f"--student names must be unique, got {names}; use NAME=PATH.")
+    problem = pretrained_source_problem(args.teacher, "--teacher", ["unet/config.json", "scheduler/", "vae/"])
+    for _, path in args.student:
+        problem = problem or pretrained_source_problem(path, "--student")
+    if problem:
+        parser.error(problem)
     return args
 
 
@@ -330,6 +336,9 @@ def run_evaluation(args):
 
 
 def main(argv=None):
+    from aria_utils.quiet import silence_known_harmless_messages
+
+    silence_known_harmless_messages()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     try:

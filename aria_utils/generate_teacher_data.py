@@ -2,26 +2,47 @@
 
     python -m aria_utils.generate_teacher_data --pretrained_model_name_or_path T \
         --prompt_file prompts.csv --num_prompts 2000 --output_dir teacher-data
+    accelerate launch -m aria_utils.generate_teacher_data ...      # the same, spread over every GPU
 
-Writes `latents.safetensors` (N x 4 x h x w, the latents the pipeline would decode), `metadata.jsonl`
-(caption, seed, category per row) and `teacher_data.json` (how it was made). Pass the folder to
-`train_aria_distill.py --train_data_dir`.
+RC's set (212K prompts, 25 steps, CFG 7.5) is about 10.6M UNet evaluations, a GPU-day, so the work
+is split into shards (`--shard_size` latents each) that the processes share, and each finished shard
+is written at once (see aria_utils.paired_data for the layout). Re-running the same command resumes:
+finished shards are kept and an unfinished one is redone. Each latent's noise comes from a seed
+derived from (--seed, the prompt's corpus index), and batches never cross a shard, so the set is the
+same whatever the number of processes and interruptions (bit for bit on the same hardware, thread
+count and --batch_size). A re-run with other settings into the same folder is refused.
 
 `--exclude_categories` / `--category_fraction` build RC's unseen-concept setting: whole categories
 left out of the paired set (their prompts stay in the condition corpus), or kept only at a fraction.
 """
 
 import argparse
+import datetime
+import hashlib
 import logging
 import os
 
 import numpy as np
 import torch
 
-from aria_utils.paired_data import save_paired_latents
-from aria_utils.prompts import load_prompt_corpus
+from aria_utils.hub import pretrained_source_problem
+from aria_utils.paired_data import (
+    LATENTS_FILE,
+    MANIFEST_FILE,
+    PairedDataError,
+    finished_shards,
+    new_manifest,
+    read_manifest,
+    remove_partial_files,
+    write_manifest,
+    write_shard,
+)
+from aria_utils.prompts import PromptCorpusError, load_prompt_corpus
+from aria_utils.quiet import silence_known_harmless_messages
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 1000
 
 
 def select_prompts(corpus, num_prompts, seed, exclude_categories=(), category_fractions=None):
@@ -44,6 +65,12 @@ def select_prompts(corpus, num_prompts, seed, exclude_categories=(), category_fr
     if num_prompts > len(candidates):
         raise ValueError(f"--num_prompts {num_prompts} exceeds the {len(candidates)} eligible prompts.")
     return np.sort(rng.permutation(candidates)[:num_prompts])
+
+
+def sample_seed(seed, corpus_index):
+    """The noise seed of one latent: a function of (--seed, its prompt's corpus index) only."""
+    digest = hashlib.sha256(f"aria-teacher-latent:{seed}:{corpus_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def parse_category_fractions(values):
@@ -72,67 +99,202 @@ def parse_args(argv=None):
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--resolution", type=int, default=None, help="Image resolution; default: the teacher's.")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="Prompts per pipeline call (throughput only; a batch never crosses a shard).")
+    parser.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE,
+                        help="Latents per shard: the unit of work shared by processes and redone after a crash.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--ddp_timeout", type=int, default=7200,
+                        help="Seconds a process may wait for the others (at the start and the end).")
     args = parser.parse_args(argv)
-    if args.num_prompts < 1:
-        parser.error("--num_prompts must be at least 1.")
+    for flag in ("num_prompts", "batch_size", "shard_size", "num_inference_steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1.")
     args.category_fraction = parse_category_fractions(args.category_fraction)
     return args
 
 
-@torch.no_grad()
-def main(argv=None):
+def teacher_identity(name):
+    """How the teacher is recorded in the manifest: absolute for a local folder, as given for a hub id."""
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
+def latent_geometry(args):
+    """(latent shape, image resolution) from the teacher's configs alone: no weights are loaded."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    problem = pretrained_source_problem(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
+                                        ["unet/config.json", "vae/config.json"], args.revision)
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    kwargs = dict(revision=args.revision)
+    try:
+        unet_config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet", **kwargs)
+        vae_config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", **kwargs)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: its unet/ "
+                         f"and vae/ configs could not be read ({type(error).__name__}: {error}).") from None
+    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    resolution = args.resolution or unet_config["sample_size"] * scale
+    if resolution % scale:
+        raise SystemExit(f"--resolution {resolution} must be a multiple of the VAE's downsampling factor {scale}.")
+    return (unet_config["in_channels"], resolution // scale, resolution // scale), resolution
+
+
+def generation_settings(args, corpus_sha256, resolution):
+    """Everything the latents depend on. A re-run into the same folder must match it exactly."""
+    return {
+        "teacher": teacher_identity(args.pretrained_model_name_or_path),
+        "revision": args.revision,
+        "variant": args.variant,
+        "corpus_sha256": corpus_sha256,
+        "prompt_column": args.prompt_column,
+        "category_column": args.category_column,
+        "exclude_categories": sorted(args.exclude_categories),
+        "category_fraction": args.category_fraction,
+        "num_prompts": args.num_prompts,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "resolution": resolution,
+        "seed": args.seed,
+        "mixed_precision": args.mixed_precision,
+        "shard_size": args.shard_size,
+    }
+
+
+def settings_differences(old, new):
+    return [f"{key} {old.get(key)!r} there, {new.get(key)!r} now" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)]
+
+
+def check_output_folder(output_dir, settings):
+    """'new', 'resume' or 'complete'; raises PairedDataError for anything that would replace other work."""
+    if not os.path.exists(output_dir):
+        return "new"
+    if not os.path.isdir(output_dir):
+        raise PairedDataError(f"--output_dir {output_dir!r} is a file; pass a folder for the teacher latents.")
+    if os.path.isfile(os.path.join(output_dir, LATENTS_FILE)):
+        raise PairedDataError(f"--output_dir {output_dir!r} already holds a finished teacher-latent set (single-file "
+                              "layout); it is never replaced: choose a new --output_dir.")
+    if not os.path.isfile(os.path.join(output_dir, MANIFEST_FILE)):
+        if os.listdir(output_dir):
+            raise PairedDataError(f"--output_dir {output_dir!r} holds other files and no {MANIFEST_FILE}; choose a new "
+                                  "or empty --output_dir for the teacher latents.")
+        return "new"
+    manifest = read_manifest(output_dir)
+    differences = settings_differences(manifest["settings"], settings)
+    if differences:
+        raise PairedDataError(
+            f"--output_dir {output_dir!r} holds teacher latents made with other settings ({'; '.join(differences)}). "
+            "Re-run with the original settings to resume or keep it, or choose a new --output_dir.")
+    return "complete" if manifest.get("complete") else "resume"
+
+
+def generate_latent_batch(pipeline, prompts, seeds, args, resolution):
+    """The teacher's final latents for `prompts`, each sample's noise from its own seed; float16 on the CPU."""
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    output = pipeline(list(prompts), num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                      height=resolution, width=resolution, generator=generators, output_type="latent")
+    return output.images.to("cpu", torch.float16)
+
+
+def load_teacher_pipeline(args, device):
     from diffusers import StableDiffusionPipeline
-    from tqdm.auto import tqdm
 
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    corpus = load_prompt_corpus(prompt_file=args.prompt_file, prompt_column=args.prompt_column,
-                                category_column=args.category_column)
-    indices = select_prompts(corpus, args.num_prompts, args.seed, args.exclude_categories, args.category_fraction)
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    if dtype == torch.float16 and device == "cpu":
-        raise SystemExit("--mixed_precision fp16 needs a GPU; on CPU use bf16 or no.")
     pipeline = StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, dtype=dtype,
         safety_checker=None, requires_safety_checker=False,
     ).to(device)
     pipeline.set_progress_bar_config(disable=True)
-    resolution = args.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    return pipeline
 
-    prompts = [corpus.prompts[i] for i in indices]
-    latents, rows = [], []
-    for start in tqdm(range(0, len(prompts), args.batch_size), desc="Teacher latents"):
-        batch = prompts[start : start + args.batch_size]
-        batch_seed = args.seed * 1_000_003 + start
-        generator = torch.Generator(device=device).manual_seed(batch_seed)
-        output = pipeline(
-            batch, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-            height=resolution, width=resolution, generator=generator, output_type="latent",
-        )
-        latents.append(output.images.float().cpu())
-        for offset, prompt_index in enumerate(indices[start : start + args.batch_size]):
-            row = {"seed": batch_seed, "corpus_index": int(prompt_index)}
-            if corpus.categories is not None:
-                row["category"] = corpus.categories[prompt_index]
-            rows.append(row)
-    info = {
-        "teacher": args.pretrained_model_name_or_path,
-        "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
-        "resolution": resolution,
-        "seed": args.seed,
-        "prompt_file": os.path.abspath(args.prompt_file),
-        "exclude_categories": args.exclude_categories,
-        "category_fraction": args.category_fraction,
-    }
-    # fp16 on disk halves the size of large sets; latents are O(1) in magnitude.
-    save_paired_latents(args.output_dir, torch.cat(latents).half(), prompts, info=info, extra_rows=rows)
-    print(f"Wrote {len(prompts)} teacher latents to {args.output_dir}")
+
+def shard_rows(corpus, indices, start, stop, seed):
+    rows = []
+    for position in range(start, stop):
+        corpus_index = int(indices[position])
+        row = {"index": position, "caption": corpus.prompts[corpus_index], "corpus_index": corpus_index,
+               "seed": sample_seed(seed, corpus_index)}
+        if corpus.categories is not None:
+            row["category"] = str(corpus.categories[corpus_index])
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def main(argv=None):
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    from tqdm.auto import tqdm
+
+    silence_known_harmless_messages()
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(name)s - %(message)s")
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
+                         timeout=datetime.timedelta(seconds=args.ddp_timeout))
+    if args.mixed_precision == "fp16" and state.device.type == "cpu":
+        raise SystemExit("--mixed_precision fp16 needs a GPU; on CPU use bf16 or no.")
+
+    # Every check runs on every process before any of them writes, so all of them stop together.
+    try:
+        corpus = load_prompt_corpus(prompt_file=args.prompt_file, prompt_column=args.prompt_column,
+                                    category_column=args.category_column)
+        indices = select_prompts(corpus, args.num_prompts, args.seed, args.exclude_categories, args.category_fraction)
+        latent_shape, resolution = latent_geometry(args)
+        settings = generation_settings(args, corpus.prompts.digest(), resolution)
+        status = check_output_folder(args.output_dir, settings)
+    except (PromptCorpusError, PairedDataError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+    if status == "complete":
+        if state.is_main_process:
+            print(f"{args.output_dir} already holds these {len(indices)} teacher latents; nothing to do.")
+        return
+    if state.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if status == "new":
+            write_manifest(args.output_dir, new_manifest(len(indices), args.shard_size, latent_shape, settings))
+        remove_partial_files(args.output_dir)
+    state.wait_for_everyone()
+
+    manifest = read_manifest(args.output_dir)
+    done = finished_shards(args.output_dir, manifest)
+    remaining = [index for index in range(len(manifest["shards"])) if index not in set(done)]
+    # Remaining shards are dealt out round-robin, so resumed work stays balanced across processes.
+    mine = remaining[state.process_index :: state.num_processes]
+    if state.is_main_process:
+        logger.info("%d of %d shards already done; %d processes share the other %d.", len(done),
+                    len(manifest["shards"]), state.num_processes, len(remaining))
+
+    pipeline = load_teacher_pipeline(args, state.device) if mine else None
+    remaining_latents = sum(manifest["shards"][index]["num_latents"] for index in remaining)
+    # One bar for the whole job: the main process counts its own latents times the number of processes
+    # (they work at the same pace on the same kind of device), capped at the total.
+    progress = tqdm(total=remaining_latents, desc="Teacher latents (all processes)", unit="latent",
+                    disable=not state.is_main_process)
+    for shard_index in mine:
+        start = shard_index * args.shard_size
+        stop = start + manifest["shards"][shard_index]["num_latents"]
+        rows = shard_rows(corpus, indices, start, stop, args.seed)
+        latents = []
+        for batch_start in range(0, len(rows), args.batch_size):
+            batch = rows[batch_start : batch_start + args.batch_size]
+            latents.append(generate_latent_batch(pipeline, [row["caption"] for row in batch],
+                                                 [row["seed"] for row in batch], args, resolution))
+            progress.update(min(len(batch) * state.num_processes, progress.total - progress.n))
+        write_shard(args.output_dir, shard_index, torch.cat(latents), rows)
+    state.wait_for_everyone()
+    progress.close()
+
+    if state.is_main_process:
+        missing = sorted(set(range(len(manifest["shards"]))) - set(finished_shards(args.output_dir, manifest)))
+        if missing:
+            raise SystemExit(f"Shards {missing[:10]} are missing after generation; re-run the same command.")
+        manifest["complete"] = True
+        write_manifest(args.output_dir, manifest)
+        print(f"Wrote {len(indices)} teacher latents in {len(manifest['shards'])} shards to {args.output_dir}")
+    state.wait_for_everyone()
 
 
 if __name__ == "__main__":

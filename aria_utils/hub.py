@@ -17,10 +17,9 @@ class HubError(RuntimeError):
 
 def check_hub_access(token=None, api=None):
     """Fail before training when the Hub cannot be reached or the token is not valid."""
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if offline or getattr(constants, "HF_HUB_OFFLINE", False):
+    if hub_offline():
         raise HubError("--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set; unset it, or drop "
                        "--push_to_hub and upload OUTPUT_DIR later with `hf upload`.")
     api = api or HfApi()
@@ -32,8 +31,53 @@ def check_hub_access(token=None, api=None):
 
 
 def looks_like_local_path(name):
-    """True when `name` cannot be a hub id (org/name), so it must exist on disk."""
-    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep in name.replace("/", "", 1)
+    """True when `name` cannot be a hub id (org/name), so it must exist on disk.
+
+    `dir/name` where `dir` is a local folder is taken for a (misspelled) local path too: otherwise a
+    typo costs a minute of network retries and ends in an error about huggingface.co.
+    """
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep in name.replace("/", "", 1):
+        return True
+    return os.path.isdir(name.split("/")[0])
+
+
+def hub_offline():
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return flag or bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+# What a diffusers Stable Diffusion pipeline folder must hold for this toolkit.
+PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def pretrained_source_problem(name, flag, required_files=(), revision=None):
+    """A message naming `flag` and the fix when `name` is neither a usable local folder nor a reachable hub id.
+
+    `required_files` are paths inside the folder (e.g. "unet/config.json"); only configs are looked
+    at, nothing is loaded. Offline, a hub id must be in the local cache.
+    """
+    if os.path.isdir(name):
+        missing = [path for path in required_files if not os.path.exists(os.path.join(name, path))]
+        if missing:
+            return (f"{flag} {name!r} is a folder but lacks {', '.join(missing)}: pass a diffusers folder (as written "
+                    "by save_pretrained) or its parent.")
+        return None
+    if os.path.exists(name):
+        return f"{flag} {name!r} is a file, not a diffusers folder or hub id."
+    if looks_like_local_path(name):
+        return f"{flag} {name!r} does not exist (and is not a hub id of the form org/name)."
+    if hub_offline():
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(name, revision=revision, local_files_only=True,
+                              allow_patterns=[path for path in required_files] or ["*.json"])
+        except Exception:  # not cached: the only thing the user needs to know
+            return (f"{flag} {name!r} is not a local folder, and HF_HUB_OFFLINE is set while the Hub's copy is not "
+                    "in the local cache: download it first, unset HF_HUB_OFFLINE, or pass a local folder.")
+    return None
 
 
 def default_repo_id(output_dir, hub_model_id=None):

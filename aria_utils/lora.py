@@ -32,11 +32,12 @@ def has_lora(unet):
 
 def save_adapter_checkpoint(unet, directory):
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
+
+    from aria_utils.files import save_safetensors_atomically
 
     os.makedirs(os.path.join(directory, ADAPTER_CHECKPOINT_DIR), exist_ok=True)
-    state = {key: value.detach().contiguous() for key, value in get_peft_model_state_dict(unet).items()}
-    save_file(state, os.path.join(directory, ADAPTER_CHECKPOINT_DIR, ADAPTER_CHECKPOINT_FILE))
+    state = {key: value.detach() for key, value in get_peft_model_state_dict(unet).items()}
+    save_safetensors_atomically(state, os.path.join(directory, ADAPTER_CHECKPOINT_DIR, ADAPTER_CHECKPOINT_FILE))
 
 
 def load_adapter_checkpoint(unet, directory):

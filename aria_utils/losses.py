@@ -18,6 +18,17 @@ def per_sample_mse(prediction, target):
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
+def training_target(prediction_type, scheduler, latents, noise, timesteps):
+    """What the teacher (and so the student) predicts: the noise, the velocity, or the clean latent (x0)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if prediction_type == "sample":
+        return latents
+    raise ValueError(f"Unsupported prediction type {prediction_type!r}; use an epsilon, v_prediction or sample teacher.")
+
+
 @dataclass
 class DistillationLossOutput:
     loss: torch.Tensor  # the scalar to backpropagate

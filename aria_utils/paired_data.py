@@ -1,69 +1,294 @@
 """Paired (latent, caption) data: teacher-generated latents, or real images encoded once by the VAE.
 
-Both end as a `PairedLatents` held in memory: training never touches the VAE or decodes images,
-so a step costs only UNet passes.
+On disk a paired set is a folder of shards (written by `generate_teacher_data` and by the image
+encoder below):
+
+    manifest.json                 how the set was made, its shards and counts; "complete" once all exist
+    shards/shard-00000.jsonl      one caption row per latent ({"index", "caption", ...})
+    shards/shard-00000.safetensors  "latents": (n, C, h, w) float16, already times the VAE scaling factor
+
+A shard's `.safetensors` file is written last and atomically, so its presence marks the shard as
+finished. The single-file layout of earlier versions (`latents.safetensors` + `metadata.jsonl`) is
+still read.
+
+Training never loads the latents into memory: `PairedLatents` memory-maps every file and converts
+only the requested batch to float32, so RAM per process does not grow with the number of latents and
+the processes of one machine share the page cache. Captions are held packed (`TextTable`).
 """
 
 import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+
+from aria_utils.files import apply_umask, save_safetensors_atomically, write_json_atomically, write_text_atomically
+from aria_utils.prompts import TextTable
 
 logger = logging.getLogger(__name__)
 
+MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "shards"
+FORMAT_NAME = "aria-distill-paired-latents"
+FORMAT_VERSION = 1
+# The single-file layout of earlier versions.
 LATENTS_FILE = "latents.safetensors"
 METADATA_FILE = "metadata.jsonl"
-INFO_FILE = "teacher_data.json"
+
+_SAFETENSORS_DTYPES = {"F16": np.float16, "BF16": None, "F32": np.float32, "F64": np.float64}
 
 
 class PairedDataError(ValueError):
-    """Bad paired-data input; the message names the flag and the fix."""
+    """Bad paired-data input; the message names the flag, the file and the fix."""
 
 
-@dataclass
+def is_teacher_latent_dir(path):
+    return path is not None and (os.path.isfile(os.path.join(path, MANIFEST_FILE))
+                                 or os.path.isfile(os.path.join(path, LATENTS_FILE)))
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def shard_files(directory, shard_index):
+    """(latents path, captions path) of shard `shard_index`."""
+    stem = os.path.join(directory, SHARDS_DIR, f"shard-{shard_index:05d}")
+    return stem + ".safetensors", stem + ".jsonl"
+
+
+def plan_shards(num_latents, shard_size):
+    """Shard i holds latents [i * shard_size, min(N, (i + 1) * shard_size))."""
+    return [{"latents": f"{SHARDS_DIR}/shard-{i:05d}.safetensors", "captions": f"{SHARDS_DIR}/shard-{i:05d}.jsonl",
+             "num_latents": min(shard_size, num_latents - start)}
+            for i, start in enumerate(range(0, num_latents, shard_size))]
+
+
+def new_manifest(num_latents, shard_size, latent_shape, settings):
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "complete": False, "num_latents": int(num_latents),
+            "shard_size": int(shard_size), "latent_shape": [int(x) for x in latent_shape], "dtype": "float16",
+            "settings": settings, "shards": plan_shards(num_latents, shard_size)}
+
+
+def read_manifest(directory):
+    path = os.path.join(directory, MANIFEST_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PairedDataError(f"{path} is not valid JSON ({error}); the paired set is damaged: regenerate it into a "
+                              "new folder.") from None
+    if manifest.get("format") != FORMAT_NAME:
+        raise PairedDataError(f"{path} is not a paired-latent manifest (format {manifest.get('format')!r}).")
+    return manifest
+
+
+def write_manifest(directory, manifest):
+    write_json_atomically(os.path.join(directory, MANIFEST_FILE), manifest)
+
+
+def write_shard(directory, shard_index, latents, rows):
+    """Captions first, then the latents: the latents file appears last, atomically, marking the shard done."""
+    latents_path, captions_path = shard_files(directory, shard_index)
+    os.makedirs(os.path.dirname(latents_path), exist_ok=True)
+    apply_umask(os.path.dirname(latents_path))
+    if len(rows) != len(latents):
+        raise ValueError(f"shard {shard_index}: {len(latents)} latents but {len(rows)} caption rows")
+    write_text_atomically(captions_path, "".join(json.dumps(row) + "\n" for row in rows))
+    save_safetensors_atomically({"latents": latents.to(torch.float16)}, latents_path)
+
+
+def finished_shards(directory, manifest):
+    """Indices of the shards whose files are both present with the planned number of latents."""
+    done = []
+    for index, shard in enumerate(manifest["shards"]):
+        latents_path = os.path.join(directory, shard["latents"])
+        if not (os.path.isfile(latents_path) and os.path.isfile(os.path.join(directory, shard["captions"]))):
+            continue
+        try:
+            location = tensor_location(latents_path, "latents")
+        except PairedDataError:
+            continue  # damaged: it is redone
+        if location[1][0] == shard["num_latents"]:
+            done.append(index)
+    return done
+
+
+def remove_partial_files(directory):
+    """Leftovers of a process killed mid-write (`*.tmp`): never read, removed before a re-run writes."""
+    shards = os.path.join(directory, SHARDS_DIR)
+    for name in os.listdir(shards) if os.path.isdir(shards) else []:
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(shards, name))
+
+
+def save_paired_latents(output_dir, latents, captions, settings=None, extra_rows=None, shard_size=None):
+    """Write a whole in-memory set in the sharded format (small sets and tests)."""
+    num_latents = len(latents)
+    shard_size = shard_size or max(1, num_latents)
+    os.makedirs(output_dir, exist_ok=True)
+    manifest = new_manifest(num_latents, shard_size, latents.shape[1:], settings or {})
+    write_manifest(output_dir, manifest)
+    for shard_index, start in enumerate(range(0, num_latents, shard_size)):
+        stop = min(num_latents, start + shard_size)
+        rows = [dict({"index": i, "caption": captions[i]}, **(extra_rows[i] if extra_rows else {}))
+                for i in range(start, stop)]
+        write_shard(output_dir, shard_index, latents[start:stop], rows)
+    manifest["complete"] = True
+    write_manifest(output_dir, manifest)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def tensor_location(path, name):
+    """(byte offset, shape, numpy dtype) of tensor `name` in a safetensors file, checked against its size.
+
+    The safetensors layout is an 8-byte little-endian header length, a JSON header giving each
+    tensor's dtype, shape and data offsets, then the raw data; reading it lets numpy memory-map the
+    tensor instead of loading it.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            if not 0 < header_length <= size - 8:
+                raise ValueError("header length out of range")
+            header = json.loads(handle.read(header_length))
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        shape = tuple(entry["shape"])
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise PairedDataError(f"{path} is not a readable safetensors file with a {name!r} tensor ({error}); it is "
+                              "damaged or truncated: regenerate the paired set.") from None
+    if dtype is None:
+        raise PairedDataError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, expected F16 or F32.")
+    offset = 8 + header_length + begin
+    if offset + (end - begin) > size or (end - begin) != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        raise PairedDataError(f"{path} is truncated ({size} bytes, its header promises {offset + end - begin}); "
+                              "regenerate the paired set (re-running generate_teacher_data redoes damaged shards).")
+    return offset, shape, dtype
+
+
 class PairedLatents:
-    latents: torch.Tensor  # (N, C, h, w), already multiplied by the VAE scaling factor
-    captions: list
+    """A read-only paired set: `len`, `captions` (TextTable), `latent_shape`, and `latents(indices)`.
+
+    Files are memory-mapped on first use in each process (so the object pickles cheaply into
+    DataLoader workers, which open their own maps).
+    """
+
+    def __init__(self, files, captions, latent_shape, source):
+        self.files = files  # [(path, byte offset, number of latents, numpy dtype)]
+        self.captions = captions
+        self.latent_shape = tuple(latent_shape)
+        self.source = source
+        self._starts = np.concatenate([[0], np.cumsum([count for _, _, count, _ in files])]).astype(np.int64)
+        self._maps = None
 
     def __len__(self):
         return len(self.captions)
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"] = None
+        return state
 
-def is_teacher_latent_dir(path):
-    return path is not None and os.path.isfile(os.path.join(path, LATENTS_FILE))
+    def _memory_maps(self):
+        if self._maps is None:
+            self._maps = [np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count, *self.latent_shape))
+                          for path, offset, count, dtype in self.files]
+        return self._maps
+
+    def latents(self, indices):
+        """float32 tensor (len(indices), C, h, w): only these rows are read from disk."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"latent index out of range for {len(self)} latents")
+        maps = self._memory_maps()
+        shards = np.searchsorted(self._starts, indices, side="right") - 1
+        out = np.empty((len(indices), *self.latent_shape), dtype=np.float32)
+        for shard in np.unique(shards):
+            rows = np.flatnonzero(shards == shard)
+            out[rows] = maps[shard][indices[rows] - self._starts[shard]]
+        return torch.from_numpy(out)
+
+    def truncated(self, max_samples):
+        """The first `max_samples` latents (diffusers' --max_train_samples)."""
+        if max_samples is None or max_samples >= len(self):
+            return self
+        files, remaining = [], max_samples
+        for path, offset, count, dtype in self.files:
+            if remaining <= 0:
+                break
+            files.append((path, offset, min(count, remaining), dtype))
+            remaining -= count
+        return PairedLatents(files, self.captions.select(np.arange(max_samples)), self.latent_shape, self.source)
 
 
-def save_paired_latents(output_dir, latents, captions, info=None, extra_rows=None):
-    os.makedirs(output_dir, exist_ok=True)
-    save_file({"latents": latents.contiguous()}, os.path.join(output_dir, LATENTS_FILE))
-    with open(os.path.join(output_dir, METADATA_FILE), "w", encoding="utf-8") as handle:
-        for index, caption in enumerate(captions):
-            row = {"index": index, "caption": caption}
-            if extra_rows is not None:
-                row.update(extra_rows[index])
-            handle.write(json.dumps(row) + "\n")
-    if info is not None:
-        with open(os.path.join(output_dir, INFO_FILE), "w", encoding="utf-8") as handle:
-            json.dump(info, handle, indent=2)
+def _caption_rows(path, expected, flag, directory):
+    """Yield the captions of one caption-row file, checking there is one per latent."""
+    count = line_number = 0
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, 1):
+                if line.strip():
+                    yield json.loads(line)["caption"]
+                    count += 1
+    except FileNotFoundError:
+        raise PairedDataError(f"{flag} {directory!r}: {path} is missing; regenerate the paired set.") from None
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise PairedDataError(f"{flag} {directory!r}: {path} near line {max(line_number, 1)} is not a caption row "
+                              f"({type(error).__name__}: {error}); regenerate the paired set.") from None
+    if count != expected:
+        raise PairedDataError(f"{flag} {directory!r}: {path} holds {count} captions for {expected} latents; "
+                              "regenerate the paired set.")
 
 
-def load_paired_latents(path):
-    latents = load_file(os.path.join(path, LATENTS_FILE))["latents"].float()
-    with open(os.path.join(path, METADATA_FILE), encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    if len(rows) != latents.shape[0]:
-        raise PairedDataError(
-            f"--train_data_dir {path!r}: {LATENTS_FILE} holds {latents.shape[0]} latents but {METADATA_FILE} "
-            f"{len(rows)} captions; regenerate it with aria_utils.generate_teacher_data."
-        )
-    return PairedLatents(latents=latents, captions=[row["caption"] for row in rows])
+def check_paired_set_is_finished(path, flag="--train_data_dir"):
+    """Cheap check before anything is loaded: the manifest says the set is complete."""
+    if os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+        manifest = read_manifest(path)
+        if not manifest.get("complete"):
+            raise PairedDataError(
+                f"{flag} {path!r} is unfinished ({len(finished_shards(path, manifest))} of {len(manifest['shards'])} "
+                "shards): re-run the same aria_utils.generate_teacher_data command to finish it, then train.")
+    else:
+        tensor_location(os.path.join(path, LATENTS_FILE), "latents")
 
 
+def load_paired_latents(path, max_samples=None, flag="--train_data_dir"):
+    """Open a paired set (sharded or single-file) for reading; `max_samples` keeps the first N."""
+    if os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+        check_paired_set_is_finished(path, flag)
+        manifest = read_manifest(path)
+        latent_shape = tuple(manifest["latent_shape"])
+        files, caption_files, total = [], [], 0
+        for shard in manifest["shards"]:
+            if max_samples is not None and total >= max_samples:
+                break
+            latents_path = os.path.join(path, shard["latents"])
+            if not os.path.isfile(latents_path):
+                raise PairedDataError(f"{flag} {path!r}: {shard['latents']} is missing; re-run the "
+                                      "generate_teacher_data command that made it to redo it.")
+            offset, shape, dtype = tensor_location(latents_path, "latents")
+            if shape != (shard["num_latents"], *latent_shape):
+                raise PairedDataError(f"{flag} {path!r}: {shard['latents']} has shape {shape}, the manifest says "
+                                      f"{(shard['num_latents'], *latent_shape)}; regenerate the paired set.")
+            files.append((latents_path, offset, shape[0], dtype))
+            caption_files.append((os.path.join(path, shard["captions"]), shape[0]))
+            total += shape[0]
+    else:
+        latents_path = os.path.join(path, LATENTS_FILE)
+        offset, shape, dtype = tensor_location(latents_path, "latents")
+        latent_shape = shape[1:]
+        files, caption_files = [(latents_path, offset, shape[0], dtype)], [(os.path.join(path, METADATA_FILE), shape[0])]
+    captions = TextTable.from_strings(caption for file, count in caption_files
+                                      for caption in _caption_rows(file, count, flag, path))
+    paired = PairedLatents(files, captions, latent_shape, path)
+    if len(paired) == 0:
+        raise PairedDataError(f"{flag} {path!r} holds no latents.")
+    return paired.truncated(max_samples)
+
+
+# ----------------------------------------------------------------------------------------------- image datasets
 def check_image_folder(train_data_dir, caption_column):
     """Cheap early check of an imagefolder: it exists and its metadata.jsonl has the caption column."""
     if not os.path.isdir(train_data_dir):
@@ -71,11 +296,15 @@ def check_image_folder(train_data_dir, caption_column):
     metadata = os.path.join(train_data_dir, METADATA_FILE)
     if not os.path.isfile(metadata):
         raise PairedDataError(
-            f"--train_data_dir {train_data_dir!r} has neither {LATENTS_FILE} (teacher data, see "
+            f"--train_data_dir {train_data_dir!r} has neither {MANIFEST_FILE} (teacher latents, see "
             f"aria_utils.generate_teacher_data) nor {METADATA_FILE} (an imagefolder with captions)."
         )
     with open(metadata, encoding="utf-8") as handle:
-        first = json.loads(handle.readline())
+        try:
+            first = json.loads(handle.readline())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise PairedDataError(f"--train_data_dir {train_data_dir!r}: the first line of {metadata} is not a JSON "
+                                  f"object ({error}).") from None
     if caption_column not in first:
         raise PairedDataError(
             f"--caption_column {caption_column!r} is not in {metadata}; its columns are {sorted(first)}."
@@ -138,10 +367,19 @@ class _ImageCaptionRows(torch.utils.data.Dataset):
         return _image_to_tensor(row[self.image_column], self.resolution), _caption_text(row[self.caption_column])
 
 
+IMAGE_SHARD_SIZE = 4096
+
+
 @torch.no_grad()
 def encode_image_dataset(dataset, vae, image_column, caption_column, resolution, batch_size, cache_dir, vae_name,
                          device, dtype, show_progress=True, num_workers=0, seed=0):
-    """Encode every image once with the VAE; cached on disk under `cache_dir` by a fingerprint."""
+    """Encode every image once with the VAE into a sharded set under `cache_dir` (keyed by a fingerprint).
+
+    Training then reads that set memory-mapped, in float16, the same representation for the run that
+    encoded it, for a resumed run and for every process.
+    """
+    import shutil
+
     from tqdm.auto import tqdm
 
     fingerprint = dataset_fingerprint(dataset, vae_name, resolution)
@@ -149,16 +387,35 @@ def encode_image_dataset(dataset, vae, image_column, caption_column, resolution,
     if is_teacher_latent_dir(cache_path):
         logger.info("Reusing VAE latents cached at %s", cache_path)
         return load_paired_latents(cache_path)
+    partial = cache_path + ".incomplete"
+    shutil.rmtree(partial, ignore_errors=True)
     loader = torch.utils.data.DataLoader(_ImageCaptionRows(dataset, image_column, caption_column, resolution),
                                          batch_size=batch_size, shuffle=False, num_workers=num_workers)
     generator = torch.Generator().manual_seed(seed)  # the posterior sample is drawn once, reproducibly
-    latents, captions = [], []
+    latent_shape = None
+    pending_latents, pending_captions, shard_index, written = [], [], 0, 0
+    manifest = None
     for pixels, batch_captions in tqdm(loader, desc="Encoding images", disable=not show_progress):
         posterior = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
         noise = torch.randn(posterior.mean.shape, generator=generator).to(device=device, dtype=posterior.mean.dtype)
-        encoded = posterior.mean + posterior.std * noise
-        latents.append((encoded * vae.config.scaling_factor).float().cpu())
-        captions.extend(batch_captions)
-    latents = torch.cat(latents)
-    save_paired_latents(cache_path, latents.half(), captions, info={"vae": vae_name, "resolution": resolution})
-    return PairedLatents(latents=latents, captions=captions)
+        encoded = (posterior.mean + posterior.std * noise) * vae.config.scaling_factor
+        pending_latents.append(encoded.float().cpu())
+        pending_captions.extend(batch_captions)
+        if manifest is None:
+            latent_shape = encoded.shape[1:]
+            manifest = new_manifest(len(dataset), IMAGE_SHARD_SIZE, latent_shape,
+                                    {"vae": vae_name, "resolution": resolution, "dataset_fingerprint": fingerprint})
+            os.makedirs(partial, exist_ok=True)
+            write_manifest(partial, manifest)
+        while len(pending_captions) >= IMAGE_SHARD_SIZE or (pending_captions and written + len(pending_captions)
+                                                             == len(dataset)):
+            latents = torch.cat(pending_latents)
+            count = min(IMAGE_SHARD_SIZE, len(pending_captions))
+            rows = [{"index": written + i, "caption": caption} for i, caption in enumerate(pending_captions[:count])]
+            write_shard(partial, shard_index, latents[:count], rows)
+            pending_latents, pending_captions = [latents[count:]], pending_captions[count:]
+            shard_index, written = shard_index + 1, written + count
+    manifest["complete"] = True
+    write_manifest(partial, manifest)
+    os.replace(partial, cache_path)
+    return load_paired_latents(cache_path)

@@ -39,8 +39,10 @@ def region_heatmap(region_history, path=None, max_columns=200):
 
     figure, (heat_axis, bar_axis) = plt.subplots(
         1, 2, figsize=(9, 1.5 + 0.25 * num_regions), gridspec_kw={"width_ratios": [4, 1]}, sharey=True)
+    # Each column is centred on its step; a single column (one recorded step) gets a width of 1.
+    half_width = (steps[-1] - steps[0]) / (2 * (len(steps) - 1)) if len(steps) > 1 else 0.5
     mesh = heat_axis.imshow(estimates, aspect="auto", interpolation="nearest", cmap="magma", origin="lower",
-                            extent=(steps[0], steps[-1], -0.5, num_regions - 0.5))
+                            extent=(steps[0] - half_width, steps[-1] + half_width, -0.5, num_regions - 0.5))
     heat_axis.set_xlabel("step")
     heat_axis.set_ylabel("region")
     heat_axis.set_title("tracked teacher-student discrepancy")

@@ -17,9 +17,13 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
+
+from aria_utils.files import save_numpy_safetensors_atomically, write_json_atomically
+from aria_utils.prompts import TextTable
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,10 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 NUM_REPRESENTATIVES = 5
 # Above this many prompts, MiniBatchKMeans: full k-means costs O(N K) per Lloyd iteration over all data.
 MINIBATCH_THRESHOLD = 50_000
+# MiniBatchKMeans is fitted on at most this many prompts, then every prompt is labelled.
+KMEANS_FIT_SAMPLE = 1_000_000
+# Prompts embedded (and labelled) per chunk: bounds the Python list handed to the encoder.
+EMBED_CHUNK = 65_536
 
 
 class RegionIndexError(ValueError):
@@ -59,6 +67,9 @@ def model_identity(name):
 
 
 def corpus_digest(prompts):
+    """sha256 of the prompts in order, each followed by a newline."""
+    if isinstance(prompts, TextTable):
+        return prompts.digest()
     digest = hashlib.sha256()
     for prompt in prompts:
         digest.update(prompt.encode("utf-8"))
@@ -66,15 +77,22 @@ def corpus_digest(prompts):
     return digest.hexdigest()
 
 
-def embed_prompts(prompts, model_name, batch_size=128, device=None, show_progress=True):
-    """L2-normalised float32 embeddings (N, D), batched, with a progress bar."""
+def embed_prompts(prompts, model_name, batch_size=128, device=None, show_progress=True, description="Embedding prompts"):
+    """L2-normalised float32 embeddings (N, D), in chunks (no list of every prompt), with one progress bar."""
     from sentence_transformers import SentenceTransformer
+    from tqdm.auto import tqdm
 
     path = resolve_embedding_model(model_name)
     model = SentenceTransformer(path, device=str(device) if device is not None else None)
-    embeddings = model.encode(list(prompts), batch_size=batch_size, show_progress_bar=show_progress,
-                              convert_to_numpy=True, normalize_embeddings=True)
-    return embeddings.astype(np.float32)
+    embeddings = np.empty((len(prompts), model.get_sentence_embedding_dimension()), dtype=np.float32)
+    with tqdm(total=len(prompts), desc=description, disable=not show_progress, unit="prompt") as progress:
+        for start in range(0, len(prompts), EMBED_CHUNK):
+            chunk = prompts[start : start + EMBED_CHUNK]
+            embeddings[start : start + len(chunk)] = model.encode(
+                list(chunk), batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
+                normalize_embeddings=True)
+            progress.update(len(chunk))
+    return embeddings
 
 
 def cluster_embeddings(embeddings, num_regions, seed):
@@ -82,10 +100,17 @@ def cluster_embeddings(embeddings, num_regions, seed):
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
     if len(embeddings) > MINIBATCH_THRESHOLD:
+        # Fit on a seeded sample (K centroids in 384-d are well determined by 10^5-10^6 points),
+        # then label every prompt in chunks: memory stays bounded for 10M-prompt corpora.
         kmeans = MiniBatchKMeans(n_clusters=num_regions, random_state=seed, batch_size=4096, n_init=3)
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(len(embeddings), min(len(embeddings), KMEANS_FIT_SAMPLE), replace=False))
+        kmeans.fit(embeddings[sample])
+        labels = np.concatenate([kmeans.predict(embeddings[start : start + EMBED_CHUNK])
+                                 for start in range(0, len(embeddings), EMBED_CHUNK)]).astype(np.int64)
     else:
         kmeans = KMeans(n_clusters=num_regions, random_state=seed, n_init=4)
-    labels = kmeans.fit_predict(embeddings).astype(np.int64)
+        labels = kmeans.fit_predict(embeddings).astype(np.int64)
     used = np.unique(labels)
     if len(used) < num_regions:
         logger.warning("k-means left %d of %d regions empty; keeping %d.", num_regions - len(used), num_regions, len(used))
@@ -120,18 +145,20 @@ class RegionIndex:
         return nearest_centroid(np.asarray(embeddings, dtype=np.float32), self.centroids)
 
     def assign_prompts(self, prompts, corpus_prompts=None, accelerator=None, batch_size=128):
-        """Region of each prompt: looked up when it is in the corpus, else embedded and assigned."""
-        lookup = {prompt: index for index, prompt in enumerate(corpus_prompts or [])}
+        """Region of each prompt: looked up when it is in the corpus, else embedded and assigned.
+
+        The lookup goes through the corpus table's sorted hashes (no dict of every corpus prompt).
+        """
         regions = np.full(len(prompts), -1, dtype=np.int64)
-        unknown = []
-        for position, prompt in enumerate(prompts):
-            if prompt in lookup:
-                regions[position] = self.labels[lookup[prompt]]
-            else:
-                unknown.append(position)
-        if unknown:
+        if corpus_prompts is not None and len(corpus_prompts):
+            table = corpus_prompts if isinstance(corpus_prompts, TextTable) else TextTable.from_strings(corpus_prompts)
+            positions = table.find(prompts)
+            found = positions >= 0
+            regions[found] = self.labels[positions[found]]
+        unknown = np.flatnonzero(regions < 0)
+        if len(unknown):
             device = accelerator.device if accelerator is not None else None
-            embeddings = embed_prompts([prompts[i] for i in unknown], self.model_name, batch_size, device,
+            embeddings = embed_prompts([prompts[i] for i in unknown.tolist()], self.model_name, batch_size, device,
                                        show_progress=False)
             regions[unknown] = self.assign_embeddings(embeddings)
         return regions
@@ -153,18 +180,24 @@ def _representatives(prompts, embeddings, labels, centroids):
     return result
 
 
+def region_fingerprint(prompts, model_name, num_regions, seed):
+    """What a region index depends on; a cache is reused only when all of it matches."""
+    return {"corpus_sha256": corpus_digest(prompts), "num_prompts": len(prompts),
+            "embedding_model": model_identity(model_name), "num_regions": num_regions, "seed": seed}
+
+
 def build_region_index(prompts, model_name=DEFAULT_EMBEDDING_MODEL, num_regions=16, seed=0, batch_size=128,
-                       device=None, show_progress=True):
-    """Embed, cluster, and return (RegionIndex, embeddings)."""
+                       device=None, show_progress=True, embeddings=None, fingerprint=None):
+    """Embed (unless `embeddings` are given), cluster, and return (RegionIndex, embeddings)."""
     if num_regions < 1:
         raise RegionIndexError("--num_regions must be at least 1.")
     if num_regions > len(prompts):
         raise RegionIndexError(f"--num_regions {num_regions} exceeds the {len(prompts)} distinct prompts; lower it.")
     resolve_embedding_model(model_name)  # fail before the slow import on a bad path
-    embeddings = embed_prompts(prompts, model_name, batch_size, device, show_progress)
+    if embeddings is None:
+        embeddings = embed_prompts(prompts, model_name, batch_size, device, show_progress)
     labels, centroids = cluster_embeddings(embeddings, num_regions, seed)
-    fingerprint = {"corpus_sha256": corpus_digest(prompts), "num_prompts": len(prompts),
-                   "embedding_model": model_identity(model_name), "num_regions": num_regions, "seed": seed}
+    fingerprint = fingerprint or region_fingerprint(prompts, model_name, num_regions, seed)
     index = RegionIndex(labels=labels, centroids=centroids,
                         representatives=_representatives(prompts, embeddings, labels, centroids),
                         model_name=model_name, fingerprint=fingerprint)
@@ -173,20 +206,13 @@ def build_region_index(prompts, model_name=DEFAULT_EMBEDDING_MODEL, num_regions=
 
 def save_region_index(index, embeddings, directory):
     """Write the cache; regions.json goes last and atomically, so it marks a complete cache."""
-    from safetensors.numpy import save_file
-
     os.makedirs(directory, exist_ok=True)
     for name, tensors in ((INDEX_FILE, {"labels": index.labels, "centroids": index.centroids}),
                           (EMBEDDINGS_FILE, {"embeddings": embeddings})):
-        temporary = os.path.join(directory, name + ".tmp")
-        save_file({key: np.ascontiguousarray(value) for key, value in tensors.items()}, temporary)
-        os.replace(temporary, os.path.join(directory, name))
+        save_numpy_safetensors_atomically(tensors, os.path.join(directory, name))
     metadata = {"fingerprint": index.fingerprint, "model_name": index.model_name,
                 "num_regions": index.num_regions, "regions": index.describe()}
-    temporary = os.path.join(directory, METADATA_FILE + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(metadata, handle, indent=2)
-    os.replace(temporary, os.path.join(directory, METADATA_FILE))
+    write_json_atomically(os.path.join(directory, METADATA_FILE), metadata)
 
 
 def load_region_index(directory):
@@ -216,33 +242,54 @@ def fingerprint_differences(old, new):
 
 def build_or_load_region_index(prompts, cache_dir, model_name=DEFAULT_EMBEDDING_MODEL, num_regions=16, seed=0,
                                batch_size=128, accelerator=None):
-    """The region index for this corpus/model/K/seed: reused from `cache_dir` or built (main process first)."""
+    """The region index for this corpus/model/K/seed: reused from `cache_dir` or built.
+
+    With several processes the embedding (the long part: hours for 10M prompts on one device) is
+    shared: every process embeds a contiguous slice and writes it to `cache_dir`, then the main
+    process clusters. `cache_dir` must therefore be visible to every process, like OUTPUT_DIR.
+    """
     if num_regions > len(prompts):
         raise RegionIndexError(f"--num_regions {num_regions} exceeds the {len(prompts)} distinct prompts; lower it.")
     resolve_embedding_model(model_name)
-    wanted = {"corpus_sha256": corpus_digest(prompts), "num_prompts": len(prompts),
-              "embedding_model": model_identity(model_name), "num_regions": num_regions, "seed": seed}
-
-    def build_or_load():
-        cached = cached_fingerprint(cache_dir)
-        if cached == wanted:
-            logger.info("Region index: reusing the cache in %s (corpus, model, K and seed unchanged).", cache_dir)
-            return load_region_index(cache_dir)
-        if cached is None:
-            logger.info("Region index: building %d regions in %s (no cache yet).", num_regions, cache_dir)
-        else:
-            logger.info("Region index: rebuilding in %s because the %s changed.", cache_dir,
-                        " and ".join(fingerprint_differences(cached, wanted)))
+    wanted = region_fingerprint(prompts, model_name, num_regions, seed)
+    cached = cached_fingerprint(cache_dir)  # read by every process before any of them writes
+    if cached == wanted:
+        logger.info("Region index: reusing the cache in %s (corpus, model, K and seed unchanged).", cache_dir)
+        return load_region_index(cache_dir)
+    if cached is None:
+        logger.info("Region index: building %d regions in %s (no cache yet).", num_regions, cache_dir)
+    else:
+        logger.info("Region index: rebuilding in %s because the %s changed.", cache_dir,
+                    " and ".join(fingerprint_differences(cached, wanted)))
+    if accelerator is None or accelerator.num_processes == 1:
         device = accelerator.device if accelerator is not None else None
-        show = accelerator is None or accelerator.is_local_main_process
-        index, embeddings = build_region_index(prompts, model_name, num_regions, seed, batch_size, device, show)
+        index, embeddings = build_region_index(prompts, model_name, num_regions, seed, batch_size, device,
+                                               show_progress=True, fingerprint=wanted)
         save_region_index(index, embeddings, cache_dir)
         return index
 
-    if accelerator is None:
-        return build_or_load()
-    with accelerator.main_process_first():  # main builds and writes; the others then find the cache
-        return build_or_load()
+    from safetensors.numpy import load_file
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    bounds = np.linspace(0, len(prompts), world + 1).astype(np.int64)
+    parts_dir = os.path.join(cache_dir, ".embedding-parts")
+    os.makedirs(parts_dir, exist_ok=True)
+    part = embed_prompts(prompts[bounds[rank] : bounds[rank + 1]], model_name, batch_size, accelerator.device,
+                         show_progress=accelerator.is_local_main_process,
+                         description=f"Embedding prompts (1/{world} share per process)")
+    part_path = os.path.join(parts_dir, f"part-{rank:05d}.safetensors")
+    save_numpy_safetensors_atomically({"embeddings": part}, part_path)
+    del part
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        embeddings = np.concatenate([load_file(os.path.join(parts_dir, f"part-{r:05d}.safetensors"))["embeddings"]
+                                     for r in range(world)])
+        index, embeddings = build_region_index(prompts, model_name, num_regions, seed, batch_size,
+                                               embeddings=embeddings, fingerprint=wanted)
+        save_region_index(index, embeddings, cache_dir)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return load_region_index(cache_dir)
 
 
 def write_region_report(path, index, tracker):
@@ -279,7 +326,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from aria_utils.prompts import load_prompt_corpus
+    from aria_utils.quiet import silence_known_harmless_messages
 
+    silence_known_harmless_messages()
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.num_regions < 1:

@@ -10,7 +10,8 @@ import json
 import os
 import shutil
 
-from aria_utils.hub import looks_like_local_path
+from aria_utils.files import apply_umask_tree
+from aria_utils.hub import hub_offline, looks_like_local_path
 
 SAFE_SUFFIXES = (".safetensors",)
 # Pickle-based formats: loading them can run arbitrary code, so this project refuses them.
@@ -45,8 +46,7 @@ def single_file_problem(path, config=None, original_config=None, revision=None, 
         return f"--single_file_config {config!r} is neither a local diffusers folder nor a hub id of the form org/name."
     if original_config is not None and not is_url(original_config) and not os.path.isfile(original_config):
         return f"--original_config {original_config!r} does not exist (expected the LDM .yaml, e.g. v1-inference.yaml)."
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if offline and config is None:
+    if hub_offline() and config is None:
         return ("Offline (HF_HUB_OFFLINE=1), diffusers cannot fetch the component configs of a single-file checkpoint. "
                 "Pass --single_file_config with a local diffusers folder of the same architecture (its config files "
                 "and tokenizer are enough, e.g. a copy of stable-diffusion-v1-5 without weights).")
@@ -88,6 +88,7 @@ def convert_single_file_teacher(path, output_dir, config=None, original_config=N
     partial = target + ".incomplete"
     shutil.rmtree(partial, ignore_errors=True)
     pipeline.save_pretrained(partial, safe_serialization=True)
+    apply_umask_tree(partial)
     with open(os.path.join(partial, SOURCE_RECORD), "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2)
     shutil.rmtree(target, ignore_errors=True)

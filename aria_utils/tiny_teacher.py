@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from aria_utils.files import apply_umask_tree
+
 CLIP_VOCAB_SIZE = 49408
 CLIP_MAX_LENGTH = 77
 # Number of merges CLIP keeps from the BPE file (49408 ids = 512 byte symbols + merges + 2 specials).
@@ -149,6 +151,7 @@ def build_tiny_pipeline(seed=0, prediction_type="epsilon", sample_size=16):
 def save_tiny_teacher(output_dir, seed=0, prediction_type="epsilon"):
     pipeline = build_tiny_pipeline(seed=seed, prediction_type=prediction_type)
     pipeline.save_pretrained(output_dir, safe_serialization=True)
+    apply_umask_tree(output_dir)
     return output_dir
 
 

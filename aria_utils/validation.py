@@ -1,4 +1,4 @@
-"""Validation images: teacher row over student row, same prompts, seeds and scheduler.
+"""Validation images: teacher row over student row, same prompts, seeds and scheduler, labelled.
 
 The teacher's images never change during training, so they are generated once and reused.
 """
@@ -36,6 +36,34 @@ def image_grid(rows):
     return (np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0) * 255).round().astype(np.uint8)
 
 
+def labelled_grid(rows, row_labels, column_labels, min_size=256):
+    """`image_grid`, readable: every image scaled up (nearest, so pixels stay visible) to at least
+    `min_size` pixels, a label left of each row and the (wrapped) prompt above each column."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = rows[0][0].shape[:2]
+    scale = max(1, -(-min_size // min(height, width)))
+    cell_height, cell_width = height * scale, width * scale
+    font = ImageFont.load_default(size=14)
+    wrapped = [textwrap.wrap(label, width=max(8, cell_width // 8))[:4] for label in column_labels]
+    header = 8 + 18 * max(len(lines) for lines in wrapped)
+    margin = 8 + 8 * max(len(label) for label in row_labels)
+    canvas = Image.new("RGB", (margin + cell_width * len(column_labels), header + cell_height * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for column, lines in enumerate(wrapped):
+        for line_index, line in enumerate(lines):
+            draw.text((margin + column * cell_width + 4, 4 + 18 * line_index), line, fill="black", font=font)
+    for row_index, (row, label) in enumerate(zip(rows, row_labels)):
+        top = header + row_index * cell_height
+        draw.text((4, top + cell_height // 2 - 7), label, fill="black", font=font)
+        for column, image in enumerate(row):
+            tile = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+            canvas.paste(tile.resize((cell_width, cell_height), Image.NEAREST), (margin + column * cell_width, top))
+    return np.asarray(canvas)
+
+
 class Validator:
     """Generates and logs teacher-vs-student images every --validation_steps."""
 
@@ -68,7 +96,8 @@ class Validator:
         if self._teacher_images is None:
             self._teacher_images = self._generate(self.teacher_unet)
         student_images = self._generate(student_unet)
-        grid = image_grid([self._teacher_images, student_images])
+        grid = labelled_grid([self._teacher_images, student_images], ["teacher", f"student, step {step}"],
+                             self.prompts)
         os.makedirs(self.output_dir, exist_ok=True)
         Image.fromarray(grid).save(os.path.join(self.output_dir, f"step-{step}.png"))
         for tracker in trackers:

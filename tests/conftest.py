@@ -25,7 +25,8 @@ def assets(tmp_path_factory):
     teacher_data = str(root / "teacher-data")
     generate_teacher_data([
         "--pretrained_model_name_or_path", teacher, "--prompt_file", prompts, "--category_column", "category",
-        "--num_prompts", "48", "--num_inference_steps", "2", "--batch_size", "16", "--output_dir", teacher_data,
+        "--num_prompts", "48", "--num_inference_steps", "2", "--batch_size", "8", "--shard_size", "16",
+        "--output_dir", teacher_data,
     ])
     return {"root": root, "teacher": teacher, "prompts": prompts, "teacher_data": teacher_data}
 

@@ -11,6 +11,7 @@ from PIL import Image
 from aria_utils.evaluate import main as evaluate_cli
 from aria_utils.evaluate import parse_args, run_evaluation
 from aria_utils.evaluation import EvaluationError
+from aria_utils.paired_data import load_paired_latents
 from conftest import run, training_command
 
 NUM_REGIONS = 3
@@ -30,7 +31,7 @@ def eval_assets(assets, tmp_path_factory):
     regions = str(root / "regions")
     build_or_load_region_index(corpus, regions, num_regions=NUM_REGIONS, seed=0)
     # Held-out prompts: corpus prompts that are not in the paired set.
-    paired = {json.loads(line)["caption"] for line in open(os.path.join(assets["teacher_data"], "metadata.jsonl"))}
+    paired = set(load_paired_latents(assets["teacher_data"]).captions)
     heldout = root / "heldout.csv"
     with open(heldout, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

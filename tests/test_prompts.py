@@ -29,20 +29,20 @@ def write(tmp_path, suffix):
 @pytest.mark.parametrize("suffix", [".txt", ".csv", ".tsv", ".json", ".jsonl", ".parquet"])
 def test_formats_clean_empty_and_duplicate_prompts(tmp_path, suffix):
     corpus = load_prompt_corpus(prompt_file=write(tmp_path, suffix))
-    assert corpus.prompts == ["a cat", "a red car", "a boat"]
+    assert list(corpus.prompts) == ["a cat", "a red car", "a boat"]
     assert corpus.num_empty_dropped == 1 and corpus.num_duplicates_dropped == 1
     assert "1 empty and 1 duplicate" in corpus.summary()
 
 
 def test_categories_follow_their_prompts(tmp_path):
     corpus = load_prompt_corpus(prompt_file=write(tmp_path, ".csv"), category_column="category")
-    assert corpus.categories == ["animals", "vehicles", "vehicles"]
+    assert list(corpus.categories) == ["animals", "vehicles", "vehicles"]
 
 
 def test_case_insensitive_column_like_partiprompts(tmp_path):
     path = tmp_path / "parti.tsv"
     path.write_text("Prompt\tCategory\nbond\tAbstract\n")
-    assert load_prompt_corpus(prompt_file=str(path)).prompts == ["bond"]
+    assert list(load_prompt_corpus(prompt_file=str(path)).prompts) == ["bond"]
 
 
 def test_missing_column_lists_available(tmp_path):

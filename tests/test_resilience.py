@@ -45,7 +45,8 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(assets, tmp_path):
     process, handle = start(command, tmp_path / "run.log")
     wait_for_step(tmp_path / "run.log", process, 3, steps)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0, open(tmp_path / "run.log").read()[-3000:]
+    # 128 + SIGTERM: a scheduler can tell the interrupted run from a finished one.
+    assert process.wait(timeout=120) == 143, open(tmp_path / "run.log").read()[-3000:]
     handle.close()
     log = open(tmp_path / "run.log").read()
     assert "Preempted: checkpoint-" in log
@@ -91,6 +92,24 @@ def test_half_written_checkpoint_is_never_latest(tmp_path):
     (tmp_path / "checkpoint-8").mkdir()  # no training_state.json: incomplete
     (tmp_path / ".incomplete-checkpoint-10").mkdir()
     assert resolve_resume_checkpoint(str(tmp_path), "latest") == str(good)
+
+
+def test_latest_skips_a_damaged_checkpoint_and_another_student_is_refused(assets, tmp_path):
+    output = tmp_path / "out"
+    run(training_command(assets, output, "--checkpointing_steps", "2", steps=4))
+    optimizer = output / "checkpoint-4" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # a copy cut short, a full disk
+    resumed = run(training_command(assets, output, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest",
+                                   steps=6))
+    assert "Skipping damaged checkpoint" in resumed.stderr and "checkpoint-4" in resumed.stderr
+    assert re.search(r"Resuming from \S*checkpoint-2\b", resumed.stderr)
+    assert json.loads((output / "train_summary.json").read_text())["global_step"] == 6
+
+    other = run(training_command(assets, output, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest",
+                                 "--student_config", "bk_tiny", steps=8), expect_success=False)
+    assert other.returncode != 0 and "Traceback" not in other.stderr
+    assert "--student_config 'bk_small' in the checkpoint, 'bk_tiny' now" in other.stderr
+    assert "Loading the teacher" not in other.stderr
 
 
 @pytest.fixture(scope="module")

@@ -16,23 +16,42 @@ def checkpoint_names(output_dir):
     return {name for name in os.listdir(output_dir) if name.startswith("checkpoint-")}
 
 
+def single_file_copy(sharded_dir, folder):
+    """The same paired set in the single-file layout of earlier versions (latents.safetensors + metadata.jsonl)."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from aria_utils.paired_data import LATENTS_FILE, METADATA_FILE, load_paired_latents
+
+    paired = load_paired_latents(sharded_dir)
+    os.makedirs(folder)
+    save_file({"latents": paired.latents(np.arange(len(paired))).half()}, os.path.join(folder, LATENTS_FILE))
+    with open(os.path.join(folder, METADATA_FILE), "w") as handle:
+        handle.writelines(json.dumps({"index": i, "caption": c}) + "\n" for i, c in enumerate(paired.captions))
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
 def resumable_runs(assets, tmp_path_factory):
-    """Run A: 6 steps then resumed to 8. Run B: 8 steps in one go. Same flags otherwise."""
+    """Run A: 6 steps then resumed to 8, with 2 DataLoader workers. Run B: 8 steps in one go, no workers.
+    Run C: as B on the same paired set stored in the single-file layout. Same flags otherwise."""
     root = tmp_path_factory.mktemp("resume")
     regions = str(root / "regions")
     common = ["--condition_sampling", "aria", "--num_regions", "4", "--region_cache_dir", regions,
               "--aria_warmup_steps", "2", "--use_ema", "--ema_decay", "0.9", "--gradient_accumulation_steps", "2",
               "--checkpointing_steps", "2"]
-    interrupted, uninterrupted = root / "interrupted", root / "uninterrupted"
-    first = run(training_command(assets, interrupted, *common, "--checkpoints_total_limit", "2",
+    interrupted, uninterrupted, single_file = root / "interrupted", root / "uninterrupted", root / "single_file"
+    workers = ["--dataloader_num_workers", "2"]
+    first = run(training_command(assets, interrupted, *common, *workers, "--checkpoints_total_limit", "2",
                                  sampling="aria", steps=6))
     after_first = checkpoint_names(interrupted)
-    resumed = run(training_command(assets, interrupted, *common, "--checkpoints_total_limit", "2",
+    resumed = run(training_command(assets, interrupted, *common, *workers, "--checkpoints_total_limit", "2",
                                    "--resume_from_checkpoint", "latest", sampling="aria", steps=8))
     run(training_command(assets, uninterrupted, *common, sampling="aria", steps=8))
-    return {"interrupted": interrupted, "uninterrupted": uninterrupted, "after_first": after_first,
-            "first_log": first.stderr, "resumed_log": resumed.stderr}
+    single_file_assets = dict(assets, teacher_data=single_file_copy(assets["teacher_data"], root / "single-file-data"))
+    run(training_command(single_file_assets, single_file, *common, sampling="aria", steps=8))
+    return {"interrupted": interrupted, "uninterrupted": uninterrupted, "single_file": single_file,
+            "after_first": after_first, "first_log": first.stderr, "resumed_log": resumed.stderr}
 
 
 def test_checkpoint_rotation_and_resume_from_latest(resumable_runs):
@@ -56,6 +75,12 @@ def test_resumed_run_equals_uninterrupted_run(resumable_runs):
     state_straight = json.load(open(resumable_runs["uninterrupted"] / "checkpoint-8" / "training_state.json"))
     assert state_resumed["tracker"] == state_straight["tracker"]
     assert state_resumed["tracker"]["num_steps"] == 8
+
+
+def test_sharded_and_single_file_paired_sets_train_identically(resumable_runs):
+    sharded = load_file(str(resumable_runs["uninterrupted"] / UNET_WEIGHTS))
+    single_file = load_file(str(resumable_runs["single_file"] / UNET_WEIGHTS))
+    assert all(torch.equal(sharded[key], single_file[key]) for key in sharded)
 
 
 def test_training_changed_the_student(resumable_runs, assets):
@@ -94,7 +119,9 @@ def test_v_prediction_teacher(assets, tmp_path):
     teacher = str(tmp_path / "v-teacher")
     save_tiny_teacher(teacher, seed=1, prediction_type="v_prediction")
     v_assets = dict(assets, teacher=teacher)
-    run(training_command(v_assets, tmp_path / "out", "--checkpointing_steps", "100", steps=2))
+    result = run(training_command(v_assets, tmp_path / "out", "--checkpointing_steps", "100",
+                                  "--max_train_samples", "8", steps=2))
+    assert "Paired latents = 8," in result.stderr  # --max_train_samples keeps the first 8 of 48
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(str(tmp_path / "out"))
@@ -119,5 +146,6 @@ def test_image_folder_is_encoded_once_and_cached(assets, tmp_path):
                          steps=2, sampling="paired"))
     caches = os.listdir(output / "latent_cache")
     assert len(caches) == 1
-    second = run(training_command(image_assets, output, "--checkpointing_steps", "100", steps=2, sampling="paired"))
+    second = run(training_command(image_assets, output, "--checkpointing_steps", "100", "--overwrite_output_dir",
+                                  steps=2, sampling="paired"))  # a new run; the latent cache is kept
     assert "Reusing VAE latents" in second.stderr

@@ -1,0 +1,108 @@
+"""One training micro-batch, assembled in two halves.
+
+1. `PairedMicroBatches` (a map-style Dataset run by DataLoader workers, ahead of the GPU): which
+   paired latents (a seeded per-epoch permutation, sharded across processes), their float32 values
+   read from the memory-mapped shards, the noise, the timesteps, and the two uniforms per sample that
+   decide caption replacement and text drop. None of it depends on the model or the tracker.
+2. `ConditionAssembler` (in the training loop, once the tracker holds step s-1): ARIA's region
+   distribution for step s is only known then, so the regions and prompts of the replaced samples
+   are drawn here (O(batch), microseconds), and all prompts are tokenised.
+
+Item m of the dataset is micro-batch m of this process since step 0, and both halves draw from
+generators seeded by (seed, step, micro-step, process), so the batch of step s is a pure function of
+those, whatever the number of workers, and a resumed run replays exactly what an uninterrupted one
+would have seen.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aria_utils.conditioning import (
+    CONDITION_STREAM,
+    DATA_STREAM,
+    ConditionBatch,
+    choose_conditions,
+    condition_draws,
+    paired_batch_indices,
+    step_generator,
+)
+
+
+class PairedMicroBatches(torch.utils.data.Dataset):
+    """Item `micro_index`: the tracker-independent half of that micro-batch of this process."""
+
+    def __init__(self, paired, batch_size, gradient_accumulation_steps, process_index, num_processes, seed,
+                 num_train_timesteps, caption_region_ids, num_micro_batches):
+        self.paired = paired
+        self.batch_size = batch_size
+        self.accumulation = gradient_accumulation_steps
+        self.process_index, self.num_processes = process_index, num_processes
+        self.seed = seed
+        self.num_train_timesteps = num_train_timesteps
+        self.caption_region_ids = np.asarray(caption_region_ids, dtype=np.int64)
+        self.num_micro_batches = num_micro_batches
+
+    def __len__(self):
+        return self.num_micro_batches
+
+    def __getitem__(self, micro_index):
+        step, micro_step = divmod(int(micro_index), self.accumulation)
+        indices = paired_batch_indices(len(self.paired), self.batch_size, micro_index, self.process_index,
+                                       self.num_processes, self.seed)
+        generator = step_generator(self.seed, step, micro_step, self.process_index, DATA_STREAM)
+        latents = self.paired.latents(indices)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, self.num_train_timesteps, (len(indices),), generator=generator)
+        replace_draw, drop_draw = condition_draws(len(indices), generator)
+        return {"micro_index": int(micro_index), "latents": latents, "noise": noise, "timesteps": timesteps,
+                "replace_draw": replace_draw, "drop_draw": drop_draw,
+                "captions": self.paired.captions.take(indices),
+                "caption_region_ids": torch.from_numpy(self.caption_region_ids[indices])}
+
+
+def micro_batch_loader(dataset, first_micro_index, num_workers=0, pin_memory=False):
+    """Iterate micro-batches from `first_micro_index` (a resumed run starts mid-stream) to the end."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(first_micro_index, len(dataset)), num_workers=num_workers,
+        pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False)
+
+
+@dataclass
+class MicroBatch:
+    latents: torch.Tensor  # (batch, C, h, w) float32, on the device
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    conditions: ConditionBatch  # prompts, paired flags, region ids, importance weights (CPU)
+    input_ids: torch.Tensor  # tokenised prompts, on the device
+
+
+class ConditionAssembler:
+    """The training-loop half: random conditions from the current region distribution, then token ids."""
+
+    def __init__(self, mode, sampler, corpus_prompts, tokenizer, seed, process_index, num_train_timesteps,
+                 schedule="exp", strength=5.0, text_drop_prob=0.1, importance_weighting=False):
+        self.mode, self.sampler, self.corpus_prompts, self.tokenizer = mode, sampler, corpus_prompts, tokenizer
+        self.seed, self.process_index, self.num_train_timesteps = seed, process_index, num_train_timesteps
+        self.schedule, self.strength, self.text_drop_prob = schedule, strength, text_drop_prob
+        self.importance_weighting = importance_weighting and mode != "paired"
+
+    def __call__(self, prepared, step, micro_step, region_probabilities, device):
+        generator = step_generator(self.seed, step, micro_step, self.process_index, CONDITION_STREAM)
+        conditions = choose_conditions(
+            prepared["captions"], prepared["caption_region_ids"], prepared["timesteps"], self.num_train_timesteps,
+            self.mode, self.sampler, self.corpus_prompts, generator, region_probabilities=region_probabilities,
+            schedule=self.schedule, strength=self.strength, text_drop_prob=self.text_drop_prob,
+            importance_weighting=self.importance_weighting, draws=(prepared["replace_draw"], prepared["drop_draw"]))
+        input_ids = self.tokenizer(conditions.prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                   truncation=True, return_tensors="pt").input_ids
+        non_blocking = device.type == "cuda"  # the loader pinned these tensors
+        return MicroBatch(
+            latents=prepared["latents"].to(device, non_blocking=non_blocking),
+            noise=prepared["noise"].to(device, non_blocking=non_blocking),
+            timesteps=prepared["timesteps"].to(device, non_blocking=non_blocking),
+            conditions=conditions,
+            input_ids=input_ids.to(device),
+        )
