@@ -605,9 +605,9 @@ def main(args):
     accelerator.wait_for_everyone()
     # "latest" is the newest intact checkpoint (damaged newer ones are skipped with a warning).
     resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if resume_path is not None:
-        mismatches = checkpointing.resume_mismatches(checkpointing.read_training_state(resume_path).get("args", {}),
-                                                     args)
+    resumed_state = checkpointing.read_training_state(resume_path) if resume_path is not None else None
+    if resumed_state is not None:
+        mismatches = checkpointing.resume_mismatches(resumed_state.get("args", {}), args)
         if mismatches:
             raise SystemExit(f"error: {resume_path} was written by another configuration ({'; '.join(mismatches)}). "
                              "Resume with the checkpoint's flags, or start a new run in another --output_dir.")
@@ -640,6 +640,17 @@ def main(args):
     if uses_regions(args):
         from aria_utils.regions import build_or_load_region_index
 
+        if resumed_state is not None and resumed_state.get("region_fingerprint"):
+            from aria_utils.regions import fingerprint_differences, region_fingerprint
+
+            # The tracker's estimates belong to the regions it was trained with: the same K is not enough.
+            # Checked before the index is (re)built, so the checkpoint's own cache is left alone.
+            changed = fingerprint_differences(resumed_state["region_fingerprint"], region_fingerprint(
+                corpus.prompts, args.region_embedding_model, args.num_regions, args.region_seed))
+            if changed:
+                raise SystemExit(f"error: {resume_path} tracked other regions: the region index's "
+                                 f"{' and '.join(changed)} changed since. Resume with the same corpus, "
+                                 "--region_embedding_model, --num_regions and --region_seed, or start a new run.")
         region_index = build_or_load_region_index(
             corpus.prompts, cache_dir=args.region_cache_dir or os.path.join(args.output_dir, "regions"),
             model_name=args.region_embedding_model, num_regions=args.num_regions, seed=args.region_seed,
@@ -799,6 +810,7 @@ def main(args):
             "tracker": tracker.state_dict() if tracker is not None else None,
             "region_history": region_history,
             "args": public_args(args),
+            "region_fingerprint": region_index.fingerprint if region_index is not None else None,
         }
 
     validator = None

@@ -125,11 +125,12 @@ def choose_conditions(
             region_ids[replaced] = torch.from_numpy(regions)
             is_paired[replaced] = False
             if importance_weighting:
-                # w = b_k / pi_k with b = RC's allocation: the expected gradient over random
-                # conditions equals RC's. Self-normalised over the batch's random samples.
+                # w = b_k / pi_k with b = RC's allocation: E_pi[w f] = E_b[f], so the expected
+                # gradient over random conditions equals RC's. Not divided by the batch's mean weight:
+                # over the few random samples of a micro-batch that self-normalisation is biased
+                # back towards the unweighted estimate.
                 ratio = sampler.corpus_probabilities[regions] / np.asarray(region_probabilities)[regions]
-                ratio = torch.from_numpy(ratio / ratio.mean()).float()
-                weights[replaced] = ratio
+                weights[replaced] = torch.from_numpy(ratio).float()
     dropped = drop_draw < text_drop_prob
     for slot in torch.nonzero(dropped).flatten().tolist():
         prompts[slot] = ""

@@ -84,7 +84,9 @@ def embed_prompts(prompts, model_name, batch_size=128, device=None, show_progres
 
     path = resolve_embedding_model(model_name)
     model = SentenceTransformer(path, device=str(device) if device is not None else None)
-    embeddings = np.empty((len(prompts), model.get_sentence_embedding_dimension()), dtype=np.float32)
+    # sentence-transformers 6 renamed get_sentence_embedding_dimension; requirements allow >= 4.
+    dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    embeddings = np.empty((len(prompts), dimension()), dtype=np.float32)
     with tqdm(total=len(prompts), desc=description, disable=not show_progress, unit="prompt") as progress:
         for start in range(0, len(prompts), EMBED_CHUNK):
             chunk = prompts[start : start + EMBED_CHUNK]
@@ -236,7 +238,7 @@ def cached_fingerprint(directory):
 
 def fingerprint_differences(old, new):
     names = {"corpus_sha256": "corpus content", "num_prompts": "corpus size", "embedding_model": "embedding model",
-             "num_regions": "K (--num_regions)", "seed": "seed"}
+             "num_regions": "K (--num_regions)", "seed": "k-means seed (--region_seed)"}
     return [label for key, label in names.items() if old.get(key) != new.get(key)]
 
 

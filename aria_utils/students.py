@@ -123,19 +123,23 @@ def build_student(teacher_unet, variant):
 def feature_layer_pairs(student, teacher):
     """(student module name, teacher module name) pairs whose outputs feature KD compares.
 
-    Outputs of every down and up stage. A student stage that lost its downsampler (bk_tiny's last
-    down stage) is compared with the teacher's last layer before the downsampler, where the
-    resolutions agree.
+    Outputs of every down and up stage. A student stage that lost its downsampler (bk_tiny's
+    innermost kept stage) does not match the teacher's stage output in resolution; there, as in
+    BK-SDM's and RC's scripts, the last attention's output projection (before its residual) is
+    compared: teacher `down_blocks.2.attentions.1.proj_out` with student
+    `down_blocks.2.attentions.0.proj_out` for SD-1.x.
     """
     pairs = []
     for index, block in enumerate(student.down_blocks):
         teacher_block = teacher.down_blocks[index]
-        teacher_name = f"down_blocks.{index}"
         if block.downsamplers is None and teacher_block.downsamplers is not None:
-            layers = teacher_block.attentions if getattr(teacher_block, "attentions", None) else teacher_block.resnets
-            kind = "attentions" if getattr(teacher_block, "attentions", None) else "resnets"
-            teacher_name = f"down_blocks.{index}.{kind}.{len(layers) - 1}"
-        pairs.append((f"down_blocks.{index}", teacher_name))
+            if getattr(block, "attentions", None) and getattr(teacher_block, "attentions", None):
+                pairs.append((f"down_blocks.{index}.attentions.{len(block.attentions) - 1}.proj_out",
+                              f"down_blocks.{index}.attentions.{len(teacher_block.attentions) - 1}.proj_out"))
+            else:  # a plain stage: its output is its last resnet's, which the teacher's last resnet matches
+                pairs.append((f"down_blocks.{index}", f"down_blocks.{index}.resnets.{len(teacher_block.resnets) - 1}"))
+            continue
+        pairs.append((f"down_blocks.{index}", f"down_blocks.{index}"))
     up_offset = len(teacher.up_blocks) - len(student.up_blocks)
     for index in range(len(student.up_blocks)):
         pairs.append((f"up_blocks.{index}", f"up_blocks.{index + up_offset}"))

@@ -160,13 +160,16 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True, help="Folder to write the pipeline to.")
     parser.add_argument("--seed", type=int, default=0, help="Weights are a deterministic function of it.")
     parser.add_argument(
-        "--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",
-        help="Scheduler prediction type (v_prediction mimics SD-2.x 768 checkpoints).",
+        "--prediction_type", choices=["epsilon", "v_prediction", "sample"], default="epsilon",
+        help="Scheduler prediction type (v_prediction mimics SD-2.x 768 checkpoints, sample x0-prediction ones).",
     )
     return parser.parse_args(argv)
 
 
 def main(argv=None):
+    from aria_utils.quiet import silence_known_harmless_messages
+
+    silence_known_harmless_messages()
     args = parse_args(argv)
     save_tiny_teacher(args.output_dir, seed=args.seed, prediction_type=args.prediction_type)
     print(f"Tiny teacher pipeline written to {args.output_dir}")

@@ -37,6 +37,8 @@ $PY -m aria_utils.generate_teacher_data \
 $PY - "$OUT/student" <<'PYEOF'
 import sys
 import torch
+from aria_utils.quiet import silence_known_harmless_messages
+silence_known_harmless_messages()
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])
 image = pipe("a violin on a stage", num_inference_steps=4, generator=torch.manual_seed(0)).images[0]

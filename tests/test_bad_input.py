@@ -44,6 +44,12 @@ def inputs(assets, tmp_path_factory):
     shutil.copytree(assets["teacher"], made["teacher_without_unet"])
     shutil.rmtree(made["teacher_without_unet"] / "unet")
 
+    made["flow_teacher"] = root / "flow-teacher"
+    shutil.copytree(assets["teacher"], made["flow_teacher"])
+    scheduler_config = made["flow_teacher"] / "scheduler" / "scheduler_config.json"
+    scheduler_config.write_text(json.dumps(dict(json.loads(scheduler_config.read_text()),
+                                                prediction_type="flow_prediction")))
+
     # A paired set whose second shard lost its end (a copy cut short).
     made["truncated_shard"] = root / "truncated-shard"
     shutil.copytree(assets["teacher_data"], made["truncated_shard"])
@@ -147,6 +153,8 @@ CASES = [
      ["--region_embedding_model"]),
     ("batch larger than the paired set", "main", ["--train_batch_size", "1000"], {},
      ["--train_batch_size 1000", "48 paired latents"]),
+    ("teacher with an unsupported prediction type", "main", [], {"pretrained_model_name_or_path": "{flow_teacher}"},
+     ["predicts 'flow_prediction'", "epsilon, v_prediction, sample"]),
     ("truncated shard", "main", [], {"train_data_dir": "{truncated_shard}"},
      ["shard-00001.safetensors is truncated", "regenerate"]),
 ]

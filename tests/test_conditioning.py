@@ -122,3 +122,29 @@ def test_paired_batches_cover_each_epoch_once_and_shard_processes():
     next_epoch = np.concatenate([paired_batch_indices(num_items, batch, m, p, processes, seed=5)
                                  for m in range(4, 8) for p in range(processes)])
     assert sorted(next_epoch.tolist()) == list(range(num_items)) and not np.array_equal(next_epoch, seen)
+
+
+def test_importance_weights_are_unbiased_with_few_random_samples_per_micro_batch():
+    """E_pi[w f(region)] must equal RC's E_b[f] at any batch size; self-normalising w over the 2 random
+    samples of a micro-batch would give an estimate biased towards the unweighted E_pi[f]."""
+    sizes = np.array([400, 200, 120, 80, 60, 40, 30, 20, 15, 12, 8, 6, 4, 3, 1, 1])  # K = 16
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    sampler = ConditionSampler(len(labels), labels)
+    base = sampler.corpus_probabilities
+    statistic = np.linspace(1.0, 5.0, len(sizes))  # a per-region quantity, e.g. its discrepancy
+    scores = statistic ** 2  # an allocation that favours the regions where the statistic is large
+    allocation = 0.9 * scores / scores.sum() + 0.1 * base  # eps = 0.1
+    corpus = [f"prompt {i}" for i in range(len(labels))]
+    rc_expectation, unweighted_expectation = (base * statistic).sum(), (allocation * statistic).sum()
+    assert unweighted_expectation - rc_expectation > 0.5  # the allocation really shifts the statistic
+
+    generator = torch.Generator().manual_seed(0)
+    estimates = []
+    for _ in range(6000):  # micro-batches of 2 samples, both replaced (p(T) = 1)
+        batch = choose_conditions(["c", "c"], np.full(2, -1), torch.full((2,), 1000), 1000, "aria", sampler, corpus,
+                                  generator, region_probabilities=allocation, text_drop_prob=0.0,
+                                  importance_weighting=True)
+        estimates.append((batch.sample_weights.numpy() * statistic[batch.region_ids.numpy()]).mean())
+    estimates = np.asarray(estimates)
+    standard_error = estimates.std() / np.sqrt(len(estimates))
+    assert abs(estimates.mean() - rc_expectation) < 4 * standard_error + 0.01

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from aria_utils.losses import DistillationLoss, per_sample_mse
+from aria_utils.losses import DistillationLoss, per_sample_mse, training_target
 
 
 def make_inputs(batch=4, seed=0):
@@ -65,3 +66,18 @@ def test_gradients_flow_only_to_student():
     teacher.requires_grad_(True)
     DistillationLoss()(student, teacher, target, fs, ft, torch.ones(4, dtype=torch.bool)).loss.backward()
     assert student.grad is not None and teacher.grad is None
+
+
+def test_task_target_follows_the_teacher_prediction_type():
+    """epsilon: the noise; v_prediction: the velocity; sample (x0-prediction teachers): the clean latent."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    timesteps = torch.tensor([10, 500, 990])
+    assert training_target("epsilon", scheduler, latents, noise, timesteps) is noise
+    assert torch.equal(training_target("v_prediction", scheduler, latents, noise, timesteps),
+                       scheduler.get_velocity(latents, noise, timesteps))
+    assert training_target("sample", scheduler, latents, noise, timesteps) is latents
+    with pytest.raises(ValueError, match="prediction type 'flow_prediction'"):
+        training_target("flow_prediction", scheduler, latents, noise, timesteps)

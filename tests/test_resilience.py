@@ -181,3 +181,15 @@ def test_processes_that_do_not_see_each_other_are_refused(assets, tmp_path):
                             capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)
     assert result.returncode != 0
     assert "Accelerate sees a single one" in result.stderr and "ACCELERATE_USE_CPU=1" in result.stderr
+
+
+def test_resume_with_another_region_index_is_refused(assets, tmp_path):
+    """Same K, but k-means seeded differently: the tracker's per-region estimates would be applied to other regions."""
+    output = tmp_path / "out"
+    common = ["--num_regions", "3", "--aria_warmup_steps", "1", "--checkpointing_steps", "2"]
+    run(training_command(assets, output, *common, sampling="aria", steps=2))
+    other = run(training_command(assets, output, *common, "--region_seed", "1", "--resume_from_checkpoint", "latest",
+                                 sampling="aria", steps=4), expect_success=False)
+    assert other.returncode != 0 and "Traceback" not in other.stderr
+    assert "tracked other regions" in other.stderr and "(--region_seed) changed" in other.stderr
+    assert "Loading the teacher" not in other.stderr

@@ -102,3 +102,12 @@ def test_feature_pairs_have_matching_shapes(assets, variant):
         teacher(latents, torch.tensor([1, 900]), states)
     for (name, _), s, t in zip(pairs, student_recorder.features(), teacher_recorder.features()):
         assert s.shape == t.shape, name
+
+
+def test_bk_tiny_feature_pairs_are_bk_sdm_s(assets):
+    """BK-SDM's and RC's scripts compare the innermost kept down stage at its last attention's proj_out."""
+    teacher = UNet2DConditionModel.from_pretrained(assets["teacher"], subfolder="unet")  # SD-1.x layout
+    pairs = dict(feature_layer_pairs(build_student(teacher, "bk_tiny"), teacher))
+    assert pairs["down_blocks.2.attentions.0.proj_out"] == "down_blocks.2.attentions.1.proj_out"
+    assert "down_blocks.2" not in pairs  # the stage output (after the residual) is not compared
+    assert pairs["down_blocks.0"] == "down_blocks.0" and pairs["up_blocks.0"] == "up_blocks.1"

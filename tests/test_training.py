@@ -113,11 +113,12 @@ def test_aria_outputs(resumable_runs):
     assert "hub_token" not in args
 
 
-def test_v_prediction_teacher(assets, tmp_path):
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_v_and_x0_prediction_teachers(assets, tmp_path, prediction_type):
     from aria_utils.tiny_teacher import save_tiny_teacher
 
-    teacher = str(tmp_path / "v-teacher")
-    save_tiny_teacher(teacher, seed=1, prediction_type="v_prediction")
+    teacher = str(tmp_path / "teacher")
+    save_tiny_teacher(teacher, seed=1, prediction_type=prediction_type)
     v_assets = dict(assets, teacher=teacher)
     result = run(training_command(v_assets, tmp_path / "out", "--checkpointing_steps", "100",
                                   "--max_train_samples", "8", steps=2))
@@ -125,7 +126,7 @@ def test_v_prediction_teacher(assets, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(str(tmp_path / "out"))
-    assert pipeline.scheduler.config.prediction_type == "v_prediction"
+    assert pipeline.scheduler.config.prediction_type == prediction_type
 
 
 def test_image_folder_is_encoded_once_and_cached(assets, tmp_path):
@@ -146,6 +147,10 @@ def test_image_folder_is_encoded_once_and_cached(assets, tmp_path):
                          steps=2, sampling="paired"))
     caches = os.listdir(output / "latent_cache")
     assert len(caches) == 1
+    first_weights = load_file(str(output / UNET_WEIGHTS))
     second = run(training_command(image_assets, output, "--checkpointing_steps", "100", "--overwrite_output_dir",
                                   steps=2, sampling="paired"))  # a new run; the latent cache is kept
     assert "Reusing VAE latents" in second.stderr
+    # The run that encoded and the run that reused the cache trained on the same (float16) latents.
+    second_weights = load_file(str(output / UNET_WEIGHTS))
+    assert all(torch.equal(first_weights[key], second_weights[key]) for key in first_weights)
