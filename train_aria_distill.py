@@ -31,7 +31,7 @@ from aria_utils import checkpointing, conditioning, single_file, students
 from aria_utils.files import apply_umask_tree
 from aria_utils.hub import PIPELINE_SUBFOLDERS, pretrained_source_problem
 from aria_utils.lora import trainable_parameters
-from aria_utils.losses import DistillationLoss, FeatureRecorder, training_target
+from aria_utils.losses import DistillationLoss, FeatureRecorder
 from aria_utils.paired_data import (
     PairedDataError,
     check_image_folder,
@@ -45,6 +45,7 @@ from aria_utils.prompts import PromptCorpusError, check_prompt_file, load_prompt
 from aria_utils.quiet import silence_known_harmless_messages
 from aria_utils.regions import RegionIndexError
 from aria_utils.step_batches import ConditionAssembler, PairedMicroBatches, micro_batch_loader
+from aria_utils.training_step import DistillationStep, all_processes_agree
 
 logger = logging.getLogger("train_aria_distill")
 
@@ -112,7 +113,14 @@ def build_parser():
                         help="Track per-region discrepancy also for paired/random/region_uniform (for comparisons).")
     parser.add_argument("--aria_ema_decay", type=float, default=0.9,
                         help="Tracker EMA: d_k <- decay * d_k + (1 - decay) * batch mean of region k.")
-    parser.add_argument("--aria_temperature", type=float, default=1.0, help="tau in pi ~ d^(1/tau).")
+    parser.add_argument("--aria_allocation", choices=["level", "dro", "progress"], default="level",
+                        help="How tracked discrepancies become sampling probabilities: level (pi ~ d^(1/tau)), dro "
+                             "(Group-DRO exponentiated weights, log q += eta d per step) or progress (pi ~ lp^(1/tau), "
+                             "lp = relative fall of d between a slow and a fast EMA).")
+    parser.add_argument("--aria_temperature", type=float, default=1.0, help="tau in pi ~ d^(1/tau) (and lp^(1/tau)).")
+    parser.add_argument("--aria_dro_step_size", type=float, default=0.01, help="eta of --aria_allocation dro.")
+    parser.add_argument("--aria_progress_decay", type=float, default=0.99,
+                        help="Decay of the slow EMA that --aria_allocation progress compares the tracker's EMA with.")
     parser.add_argument("--aria_uniform_mix", type=float, default=0.1,
                         help="eps: weight of the base distribution, guarantees every region keeps being visited.")
     parser.add_argument("--aria_base", choices=["corpus", "uniform"], default="corpus",
@@ -218,11 +226,11 @@ AT_LEAST_ONE = ("train_batch_size", "gradient_accumulation_steps", "checkpointin
                 "ddp_timeout", "num_regions", "num_train_epochs", "validation_inference_steps", "eval_max_prompts",
                 "eval_num_timesteps", "aria_timestep_buckets", "lora_rank", "region_embedding_batch_size")
 AT_LEAST_ONE_WHEN_SET = ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "eval_steps")
-POSITIVE = ("learning_rate", "adam_epsilon", "max_grad_norm", "aria_temperature", "lora_alpha")
+POSITIVE = ("learning_rate", "adam_epsilon", "max_grad_norm", "aria_temperature", "aria_dro_step_size", "lora_alpha")
 NON_NEGATIVE = ("lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "lambda_sd", "lambda_kd_output",
                 "lambda_kd_feat", "aria_warmup_steps", "aria_warmup_min_visits", "random_conditioning_lambda",
                 "validation_guidance_scale")
-DECAY_RATES = ("adam_beta1", "adam_beta2", "ema_decay", "aria_ema_decay")  # in [0, 1)
+DECAY_RATES = ("adam_beta1", "adam_beta2", "ema_decay", "aria_ema_decay", "aria_progress_decay")  # in [0, 1)
 
 
 def number_problem(args):
@@ -435,14 +443,6 @@ def check_mixed_precision(accelerator):
 
 def public_args(args):
     return {key: value for key, value in vars(args).items() if key not in SECRET_ARGS}
-
-
-def all_processes_agree(accelerator, flag):
-    """True when `flag` holds on every process (a collective: every process must call it)."""
-    if accelerator.num_processes == 1:
-        return bool(flag)
-    flags = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))
-    return bool(flags.min().item() > 0)
 
 
 def load_initial_student(args, teacher_path, teacher_unet=None, load_kwargs=None):
@@ -767,14 +767,7 @@ def main(args):
         num_regions = region_index.num_regions if region_index is not None else 1
         sampler = conditioning.ConditionSampler(len(corpus), labels, num_regions)
     if region_index is not None:
-        base = sampler.corpus_probabilities if args.aria_base == "corpus" else None
-        tracker = RegionTracker(
-            region_index.num_regions, base_probabilities=base, ema_decay=args.aria_ema_decay,
-            temperature=args.aria_temperature, uniform_mix=args.aria_uniform_mix, warmup_steps=args.aria_warmup_steps,
-            warmup_min_visits=args.aria_warmup_min_visits, normalize_timesteps=args.aria_normalize_timesteps,
-            num_timestep_buckets=args.aria_timestep_buckets,
-            num_train_timesteps=noise_scheduler.config.num_train_timesteps,
-        )
+        tracker = RegionTracker.from_args(args, sampler, noise_scheduler.config.num_train_timesteps)
     region_history = []  # [(step, estimates, probabilities)] for the heat map
     # About ten heat-map columns per validation interval: enough to draw, and bounded in every checkpoint.
     region_history_stride = max(1, args.validation_steps // 10)
@@ -841,7 +834,6 @@ def main(args):
 
     # ---------------------------------------------------------------- Step data
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    prediction_type = noise_scheduler.config.prediction_type
     micro_batches = PairedMicroBatches(
         paired, args.train_batch_size, args.gradient_accumulation_steps, accelerator.process_index, num_processes,
         args.seed, num_train_timesteps, caption_region_ids, max_train_steps * args.gradient_accumulation_steps)
@@ -853,6 +845,13 @@ def main(args):
         accelerator.process_index, num_train_timesteps, schedule=args.random_conditioning_schedule,
         strength=args.random_conditioning_lambda, text_drop_prob=args.text_drop_prob,
         importance_weighting=args.aria_importance_weighting)
+
+    distillation_step = DistillationStep(
+        accelerator, student, teacher_unet, text_encoder, noise_scheduler, optimizer, lr_scheduler, loss_fn,
+        student_features, teacher_features, assemble_micro_batch, micro_batch_iterator, sampler,
+        args.condition_sampling, tracker=tracker, ema_student=ema_student, ema_parameters=ema_parameters,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
+        weight_dtype=weight_dtype)
 
     preemption = PreemptionFlag()
     preemption.install()
@@ -888,62 +887,10 @@ def main(args):
     first_step_finished_at = None  # wall clock, for start-up measurements (examples/benchmark/scale.py)
     while global_step < max_train_steps:
         step_start = time.perf_counter()
-        tracker_time = 0.0  # ARIA's own cost: allocation, statistics, update
-        region_probabilities = None
-        if sampler is not None and args.condition_sampling != "paired":
-            tick = time.perf_counter()
-            region_probabilities = sampler.region_distribution(args.condition_sampling, tracker)
-            tracker_time += time.perf_counter() - tick
-        step_statistics = None
-        logs = {"loss": 0.0, "loss/task": 0.0, "loss/kd_output": 0.0, "loss/kd_feat": 0.0, "random_fraction": 0.0}
-        locally_finite = step_is_finite = True
-        for micro_step in range(args.gradient_accumulation_steps):
-            # Latents, noise and timesteps were prepared ahead by the loader; the conditions are drawn
-            # now, from the allocation of the tracker as it stands after the previous step.
-            batch = assemble_micro_batch(next(micro_batch_iterator), global_step, micro_step, region_probabilities,
-                                         accelerator.device)
-            conditions, latents, noise, timesteps = batch.conditions, batch.latents, batch.noise, batch.timesteps
-            if args.debug_process_states:
-                drawn_conditions.update("\x1f".join(conditions.prompts).encode("utf-8"))
-            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = training_target(prediction_type, noise_scheduler, latents, noise, timesteps)
-
-            with accelerator.accumulate(student):
-                input_ids = batch.input_ids
-                with torch.no_grad():
-                    encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
-                    teacher_pred = teacher_unet(noisy_latents.to(weight_dtype), timesteps, encoder_hidden_states).sample
-                student_pred = student(noisy_latents, timesteps, encoder_hidden_states).sample
-                losses = loss_fn(student_pred, teacher_pred, target, student_features.features(),
-                                 teacher_features.features(), conditions.is_paired.to(accelerator.device),
-                                 conditions.sample_weights.to(accelerator.device))
-                student_features.clear()
-                teacher_features.clear()
-                accelerator.backward(losses.loss)
-                # One device sync for every logged term (each .item() would be one).
-                loss_value, task_value, kd_output_value, kd_feat_value = torch.stack(
-                    [losses.loss.detach(), losses.task, losses.kd_output, losses.kd_feat]).tolist()
-                locally_finite = locally_finite and math.isfinite(loss_value)
-                if accelerator.sync_gradients:
-                    # Every process must take the same decision, or DDP replicas drift apart.
-                    step_is_finite = all_processes_agree(accelerator, locally_finite)
-                    if step_is_finite:
-                        accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-                        optimizer.step()
-                        lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-
-            if tracker is not None:
-                tick = time.perf_counter()
-                micro_statistics = tracker.step_statistics(conditions.region_ids, losses.per_sample_kd_output.cpu(),
-                                                           timesteps.cpu())
-                step_statistics = micro_statistics if step_statistics is None else step_statistics + micro_statistics
-                tracker_time += time.perf_counter() - tick
-            random_fraction = 1.0 - conditions.is_paired.float().mean().item()  # a CPU tensor: no device sync
-            for key, value in (("loss", loss_value), ("loss/task", task_value), ("loss/kd_output", kd_output_value),
-                               ("loss/kd_feat", kd_feat_value), ("random_fraction", random_fraction)):
-                logs[key] += value / args.gradient_accumulation_steps
-
+        result = distillation_step(global_step)
+        tracker_time, logs, step_is_finite = result.tracker_time, result.logs, result.is_finite
+        if args.debug_process_states:
+            drawn_conditions.update("\x1f".join(result.prompts).encode("utf-8"))
         if not step_is_finite:
             nonfinite_skipped += 1
             logger.warning("Non-finite loss at step %d: update skipped (%d so far).", global_step, nonfinite_skipped)
@@ -952,12 +899,6 @@ def main(args):
                                               args.checkpoints_total_limit)
                 raise SystemExit(f"Stopped on a non-finite loss at step {global_step} (--on_nonfinite stop); "
                                  f"the last good state is in checkpoint-{global_step}.")
-        if tracker is not None and step_is_finite:
-            tick = time.perf_counter()
-            tracker.update_from_statistics(accelerator.reduce(step_statistics.to(accelerator.device), "sum").cpu())
-            tracker_time += time.perf_counter() - tick
-        if ema_student is not None and step_is_finite:
-            ema_student.step(ema_parameters(accelerator.unwrap_model(student)))
         global_step += 1
         progress_bar.update(1)
 

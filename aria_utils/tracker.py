@@ -4,9 +4,19 @@ Per optimisation step, every process turns its samples into a small (regions x t
 table of discrepancy sums and counts; the tables are summed across processes (one all-reduce) and
 every process applies the identical update, so all processes hold the same tracker.
 
+The allocation rule turns the tracked discrepancies into the sampling distribution over regions
+(always mixed with eps of the base distribution b, and b itself during warm-up):
+
+    level     pi ~ d_k^(1/tau)                                      (METHOD.md 3.3; the default)
+    dro       pi ~ q_k,  log q_k <- log q_k + eta * d_k every step  (Group-DRO exponentiated weights)
+    progress  pi ~ lp_k^(1/tau),  lp_k = max(0, 1 - d_k / d_slow_k) (learning progress: how fast d_k
+              falls, from a fast and a slow EMA, so samples stop going to gaps the student cannot close)
+
 State is plain float64 numpy, serialised to JSON lists: Python floats round-trip exactly, so a
 resumed run's tracker is bit-identical to an uninterrupted one.
 """
+
+ALLOCATION_RULES = ("level", "dro", "progress")
 
 import numpy as np
 import torch
@@ -25,6 +35,9 @@ class RegionTracker:
         normalize_timesteps=True,
         num_timestep_buckets=10,
         num_train_timesteps=1000,
+        allocation="level",
+        dro_step_size=0.01,
+        progress_decay=0.99,
     ):
         if num_regions < 1:
             raise ValueError("--num_regions must be at least 1.")
@@ -34,6 +47,10 @@ class RegionTracker:
             raise ValueError(f"--aria_temperature must be > 0, got {temperature}.")
         if not 0.0 < uniform_mix <= 1.0:
             raise ValueError(f"--aria_uniform_mix must be in (0, 1] so every region keeps being visited, got {uniform_mix}.")
+        if allocation not in ALLOCATION_RULES:
+            raise ValueError(f"--aria_allocation {allocation!r} is unknown; use one of {', '.join(ALLOCATION_RULES)}.")
+        if not 0.0 <= progress_decay < 1.0:
+            raise ValueError(f"--aria_progress_decay must be in [0, 1), got {progress_decay}.")
         self.num_regions = num_regions
         if base_probabilities is None:
             base_probabilities = np.full(num_regions, 1.0 / num_regions)
@@ -49,6 +66,9 @@ class RegionTracker:
         self.normalize_timesteps = bool(normalize_timesteps)
         self.num_buckets = int(num_timestep_buckets) if normalize_timesteps else 1
         self.num_train_timesteps = int(num_train_timesteps)
+        self.allocation = allocation
+        self.dro_step_size = float(dro_step_size)
+        self.progress_decay = float(progress_decay)
 
         self.ema = np.zeros(num_regions)  # biased EMA of the (normalised) discrepancy
         self.num_updates = np.zeros(num_regions, dtype=np.int64)  # EMA updates per region (bias correction)
@@ -56,6 +76,19 @@ class RegionTracker:
         self.bucket_ema = np.zeros(self.num_buckets)  # running mean discrepancy per timestep bucket
         self.bucket_updates = np.zeros(self.num_buckets, dtype=np.int64)
         self.num_steps = 0
+        self.log_weights = np.zeros(num_regions)  # dro: log q
+        self.slow_ema = np.zeros(num_regions)  # progress: a slower EMA of the same discrepancy
+
+    @classmethod
+    def from_args(cls, args, sampler, num_train_timesteps):
+        """The tracker the training script's --aria_* flags describe, over `sampler`'s regions."""
+        return cls(
+            sampler.num_regions, base_probabilities=sampler.corpus_probabilities if args.aria_base == "corpus" else None,
+            ema_decay=args.aria_ema_decay, temperature=args.aria_temperature, uniform_mix=args.aria_uniform_mix,
+            warmup_steps=args.aria_warmup_steps, warmup_min_visits=args.aria_warmup_min_visits,
+            normalize_timesteps=args.aria_normalize_timesteps, num_timestep_buckets=args.aria_timestep_buckets,
+            num_train_timesteps=num_train_timesteps, allocation=args.aria_allocation,
+            dro_step_size=args.aria_dro_step_size, progress_decay=args.aria_progress_decay)
 
     # ----- statistics of one step -----------------------------------------------------------------
     def timestep_buckets(self, timesteps):
@@ -106,9 +139,14 @@ class RegionTracker:
         seen = region_counts > 0
         batch_means = np.divide(region_sums, region_counts, out=np.zeros(self.num_regions), where=seen)
         self.ema[seen] = decay * self.ema[seen] + (1 - decay) * batch_means[seen]
+        slow = self.progress_decay
+        self.slow_ema[seen] = slow * self.slow_ema[seen] + (1 - slow) * batch_means[seen]
         self.num_updates[seen] += 1
         self.visits += region_counts.astype(np.int64)
         self.num_steps += 1
+        if self.allocation == "dro" and not self.in_warmup():
+            self.log_weights += self.dro_step_size * self.estimates()
+            self.log_weights -= self.log_weights.max()  # only differences matter; keeps exp() finite
 
     def update(self, region_ids, discrepancies, timesteps=None):
         """Single-process convenience: statistics of these samples, applied as one step."""
@@ -124,14 +162,31 @@ class RegionTracker:
             estimates[~visited] = estimates[visited].max()
         return estimates
 
+    def learning_progress(self):
+        """Per region, the relative fall of the discrepancy: max(0, 1 - fast EMA / slow EMA), bias-corrected."""
+        visited = self.num_updates > 0
+        progress = np.zeros(self.num_regions)
+        fast = self.ema[visited] / (1 - self.ema_decay ** self.num_updates[visited])
+        slow = self.slow_ema[visited] / (1 - self.progress_decay ** self.num_updates[visited])
+        progress[visited] = np.maximum(0.0, 1.0 - fast / np.maximum(slow, 1e-12))
+        if visited.any():
+            progress[~visited] = progress[visited].max()  # optimistic for regions not seen yet, as for levels
+        return progress
+
     def in_warmup(self):
         return self.num_steps < self.warmup_steps or self.visits.min() < self.warmup_min_visits
 
     def probabilities(self):
-        """pi = (1 - eps) * normalise(d^(1/tau)) + eps * base; the base distribution during warm-up."""
+        """pi = (1 - eps) * rule + eps * base; the base distribution during warm-up."""
         if self.in_warmup():
             return self.base.copy()
-        log_scores = np.log(np.maximum(self.estimates(), 1e-12)) / self.temperature
+        if self.allocation == "dro":
+            log_scores = self.log_weights
+        else:
+            values = self.estimates() if self.allocation == "level" else self.learning_progress()
+            if not values.any():  # no region is improving (yet): nothing to prefer
+                return self.base.copy()
+            log_scores = np.log(np.maximum(values, 1e-12)) / self.temperature
         scores = np.exp(log_scores - log_scores.max())
         return (1 - self.uniform_mix) * scores / scores.sum() + self.uniform_mix * self.base
 
@@ -146,6 +201,9 @@ class RegionTracker:
             "bucket_ema": self.bucket_ema.tolist(),
             "bucket_updates": self.bucket_updates.tolist(),
             "num_steps": self.num_steps,
+            "allocation": self.allocation,
+            "log_weights": self.log_weights.tolist(),
+            "slow_ema": self.slow_ema.tolist(),
         }
 
     def load_state_dict(self, state):
@@ -160,3 +218,9 @@ class RegionTracker:
         self.bucket_ema = np.asarray(state["bucket_ema"], dtype=np.float64)
         self.bucket_updates = np.asarray(state["bucket_updates"], dtype=np.int64)
         self.num_steps = int(state["num_steps"])
+        if state.get("allocation", "level") != self.allocation:
+            raise ValueError(f"Tracker state was built with --aria_allocation {state.get('allocation', 'level')}, this "
+                             f"run uses {self.allocation}: resume with the same rule.")
+        # Checkpoints written before the dro / progress rules existed hold neither: start them at zero.
+        self.log_weights = np.asarray(state.get("log_weights", np.zeros(self.num_regions)), dtype=np.float64)
+        self.slow_ema = np.asarray(state.get("slow_ema", np.zeros(self.num_regions)), dtype=np.float64)

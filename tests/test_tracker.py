@@ -137,3 +137,55 @@ def test_empirical_frequencies_match_probabilities():
     assert chisquare(counts, 50_000 * pi).pvalue > 1e-3
     wrong = np.roll(pi, 1)
     assert chisquare(counts, 50_000 * wrong).pvalue < 1e-6
+
+
+@pytest.mark.parametrize("allocation", ["level", "dro", "progress"])
+@given(num_regions=st.integers(1, 12), eps=st.floats(0.01, 1.0), seed=st.integers(0, 10**6))
+def test_every_rule_gives_a_distribution_with_eps_floor(allocation, num_regions, eps, seed):
+    tracker = RegionTracker(num_regions, uniform_mix=eps, allocation=allocation, dro_step_size=0.5, warmup_steps=0)
+    rng = np.random.default_rng(seed)
+    for _ in range(8):
+        size = int(rng.integers(1, 20))
+        tracker.update(rng.integers(-1, num_regions, size), rng.exponential(1.0, size), rng.integers(0, 1000, size))
+        pi = tracker.probabilities()
+        assert abs(pi.sum() - 1.0) < 1e-9 and np.all(pi >= eps * tracker.base - 1e-12)
+
+
+def feed(tracker, levels_per_step, steps):
+    """Every region visited every step; region k's discrepancy at step t is levels_per_step(t)[k]."""
+    num_regions = tracker.num_regions
+    for step in range(steps):
+        levels = np.asarray(levels_per_step(step), dtype=np.float64)
+        tracker.update(np.repeat(np.arange(num_regions), 4), np.repeat(levels, 4))
+
+
+def test_dro_weights_grow_with_accumulated_discrepancy():
+    tracker = RegionTracker(3, uniform_mix=0.1, allocation="dro", dro_step_size=0.5, warmup_steps=0,
+                            normalize_timesteps=False)
+    feed(tracker, lambda step: [1.0, 1.1, 1.2], 40)  # levels within +-10 %, as in the smooth benchmark
+    assert np.allclose(tracker.log_weights, [-4.0, -2.0, 0.0])  # eta * sum of the gaps: 0.5 * 40 * 0.1 per gap
+    pi = tracker.probabilities()
+    assert pi[2] > 0.75 and pi[0] < pi[1] < pi[2]  # exponentiated weights separate what levels barely do
+    level = RegionTracker(3, uniform_mix=0.1, warmup_steps=0, normalize_timesteps=False)
+    feed(level, lambda step: [1.0, 1.1, 1.2], 40)
+    assert level.probabilities()[2] < 0.4
+
+
+def test_progress_prefers_the_region_that_is_still_improving():
+    tracker = RegionTracker(3, uniform_mix=0.1, allocation="progress", warmup_steps=0, normalize_timesteps=False)
+    # Region 0: high but stuck (a gap the student cannot close); region 1: falling; region 2: low, flat.
+    feed(tracker, lambda step: [3.0, 2.0 * 0.97 ** step, 0.5], 40)
+    pi = tracker.probabilities()
+    assert pi[1] > 0.8 and pi[0] < 0.1  # the level rule would favour region 0
+    assert tracker.learning_progress()[0] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("allocation", ["dro", "progress"])
+def test_rule_state_round_trips_through_json(allocation):
+    tracker = RegionTracker(4, allocation=allocation, warmup_steps=0)
+    feed(tracker, lambda step: [1.0, 2.0 * 0.9 ** step, 0.5, 1.5], 12)
+    restored = RegionTracker(4, allocation=allocation, warmup_steps=0)
+    restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    assert np.array_equal(restored.probabilities(), tracker.probabilities())
+    with pytest.raises(ValueError, match="--aria_allocation"):
+        RegionTracker(4, allocation="level").load_state_dict(tracker.state_dict())

@@ -1,0 +1,126 @@
+"""One optimisation step of the distillation, shared by the training script and the benchmark runner.
+
+    step = DistillationStep(...)
+    result = step(global_step)
+
+A step: the region distribution for this step (from the tracker as it stands after the previous
+step), then for every micro-batch the loader's prepared half plus freshly drawn conditions, teacher and
+student forward passes, the loss and its backward pass; the update once the gradients are
+accumulated (skipped on every process when any process saw a non-finite loss); then one all-reduce
+of the per-region discrepancy statistics and the tracker update, and the EMA update.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from aria_utils.losses import training_target
+
+LOGGED_TERMS = ("loss", "loss/task", "loss/kd_output", "loss/kd_feat", "random_fraction")
+
+
+def all_processes_agree(accelerator, flag):
+    """True when `flag` holds on every process (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    flags = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))
+    return bool(flags.min().item() > 0)
+
+
+@dataclass
+class StepResult:
+    logs: dict  # the LOGGED_TERMS, averaged over micro-batches
+    is_finite: bool  # False: the update (optimizer, tracker, EMA) was skipped on every process
+    tracker_time: float  # seconds spent on ARIA's own work: allocation, statistics, update
+    prompts: list = field(default_factory=list)  # every condition drawn this step, in order
+
+
+class DistillationStep:
+    """Callable once per optimisation step; holds references to everything a step touches."""
+
+    def __init__(self, accelerator, student, teacher_unet, text_encoder, noise_scheduler, optimizer, lr_scheduler,
+                 loss_fn, student_features, teacher_features, assemble_micro_batch, micro_batches, sampler,
+                 condition_sampling, tracker=None, ema_student=None, ema_parameters=None,
+                 gradient_accumulation_steps=1, max_grad_norm=1.0, weight_dtype=torch.float32):
+        self.accelerator = accelerator
+        self.student, self.teacher_unet, self.text_encoder = student, teacher_unet, text_encoder
+        self.noise_scheduler = noise_scheduler
+        self.prediction_type = noise_scheduler.config.prediction_type
+        self.optimizer, self.lr_scheduler, self.loss_fn = optimizer, lr_scheduler, loss_fn
+        self.student_features, self.teacher_features = student_features, teacher_features
+        self.assemble_micro_batch, self.micro_batches = assemble_micro_batch, micro_batches
+        self.sampler, self.condition_sampling, self.tracker = sampler, condition_sampling, tracker
+        self.ema_student, self.ema_parameters = ema_student, ema_parameters
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.weight_dtype = weight_dtype
+
+    def region_distribution(self):
+        if self.sampler is None or self.condition_sampling == "paired":
+            return None
+        return self.sampler.region_distribution(self.condition_sampling, self.tracker)
+
+    def __call__(self, global_step):
+        accelerator = self.accelerator
+        tick = time.perf_counter()
+        region_probabilities = self.region_distribution()
+        tracker_time = time.perf_counter() - tick
+        statistics, prompts = None, []
+        logs = dict.fromkeys(LOGGED_TERMS, 0.0)
+        locally_finite = step_is_finite = True
+        for micro_step in range(self.gradient_accumulation_steps):
+            # Latents, noise and timesteps were prepared ahead by the loader; the conditions are drawn
+            # now, from the allocation of the tracker as it stands after the previous step.
+            batch = self.assemble_micro_batch(next(self.micro_batches), global_step, micro_step, region_probabilities,
+                                              accelerator.device)
+            prompts.extend(batch.conditions.prompts)
+            noisy_latents = self.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+            target = training_target(self.prediction_type, self.noise_scheduler, batch.latents, batch.noise,
+                                     batch.timesteps)
+            with accelerator.accumulate(self.student):
+                with torch.no_grad():
+                    encoder_hidden_states = self.text_encoder(batch.input_ids, return_dict=False)[0]
+                    teacher_pred = self.teacher_unet(noisy_latents.to(self.weight_dtype), batch.timesteps,
+                                                     encoder_hidden_states).sample
+                student_pred = self.student(noisy_latents, batch.timesteps, encoder_hidden_states).sample
+                losses = self.loss_fn(student_pred, teacher_pred, target, self.student_features.features(),
+                                      self.teacher_features.features(),
+                                      batch.conditions.is_paired.to(accelerator.device),
+                                      batch.conditions.sample_weights.to(accelerator.device))
+                self.student_features.clear()
+                self.teacher_features.clear()
+                accelerator.backward(losses.loss)
+                # One device sync for every logged term (each .item() would be one).
+                loss_value, task_value, kd_output_value, kd_feat_value = torch.stack(
+                    [losses.loss.detach(), losses.task, losses.kd_output, losses.kd_feat]).tolist()
+                locally_finite = locally_finite and math.isfinite(loss_value)
+                if accelerator.sync_gradients:
+                    # Every process must take the same decision, or DDP replicas drift apart.
+                    step_is_finite = all_processes_agree(accelerator, locally_finite)
+                    if step_is_finite:
+                        accelerator.clip_grad_norm_(self.student.parameters(), self.max_grad_norm)
+                        self.optimizer.step()
+                        self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+
+            if self.tracker is not None:
+                tick = time.perf_counter()
+                micro_statistics = self.tracker.step_statistics(batch.conditions.region_ids,
+                                                                losses.per_sample_kd_output.cpu(),
+                                                                batch.timesteps.cpu())
+                statistics = micro_statistics if statistics is None else statistics + micro_statistics
+                tracker_time += time.perf_counter() - tick
+            random_fraction = 1.0 - batch.conditions.is_paired.float().mean().item()  # a CPU tensor: no device sync
+            for key, value in zip(LOGGED_TERMS, (loss_value, task_value, kd_output_value, kd_feat_value,
+                                                 random_fraction)):
+                logs[key] += value / self.gradient_accumulation_steps
+
+        if self.tracker is not None and step_is_finite:
+            tick = time.perf_counter()
+            self.tracker.update_from_statistics(accelerator.reduce(statistics.to(accelerator.device), "sum").cpu())
+            tracker_time += time.perf_counter() - tick
+        if self.ema_student is not None and step_is_finite:
+            self.ema_student.step(self.ema_parameters(accelerator.unwrap_model(self.student)))
+        return StepResult(logs=logs, is_finite=step_is_finite, tracker_time=tracker_time, prompts=prompts)
