@@ -31,7 +31,6 @@ from aria_utils import checkpointing, conditioning, single_file, students
 from aria_utils.files import apply_umask_tree
 from aria_utils.hub import PIPELINE_SUBFOLDERS, pretrained_source_problem
 from aria_utils.lora import trainable_parameters
-from aria_utils.losses import DistillationLoss, FeatureRecorder
 from aria_utils.paired_data import (
     PairedDataError,
     check_image_folder,
@@ -44,8 +43,7 @@ from aria_utils.paired_data import (
 from aria_utils.prompts import PromptCorpusError, check_prompt_file, load_prompt_corpus
 from aria_utils.quiet import silence_known_harmless_messages
 from aria_utils.regions import RegionIndexError
-from aria_utils.step_batches import ConditionAssembler, PairedMicroBatches, micro_batch_loader
-from aria_utils.training_step import DistillationStep, all_processes_agree
+from aria_utils.training_step import all_processes_agree, build_distillation_step, build_optimizer
 
 logger = logging.getLogger("train_aria_distill")
 
@@ -709,10 +707,6 @@ def main(args):
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
 
-    feature_pairs = students.feature_layer_pairs(student, teacher_unet)
-    student_features = FeatureRecorder(student, [pair[0] for pair in feature_pairs])
-    teacher_features = FeatureRecorder(teacher_unet, [pair[1] for pair in feature_pairs])
-
     def ema_parameters(model):
         # With LoRA only the adapter changes: its EMA is all there is to average (and to store).
         return trainable_parameters(model) if args.use_lora else list(model.parameters())
@@ -745,15 +739,7 @@ def main(args):
     # ---------------------------------------------------------------- Optimizer, lr schedule
     num_processes = accelerator.num_processes
     total_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
-    learning_rate = args.learning_rate * (total_batch_size if args.scale_lr else 1)
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(trainable_parameters(student), lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = build_optimizer(args, trainable_parameters(student), total_batch_size)
     max_train_steps = args.max_train_steps or args.num_train_epochs * math.ceil(len(paired) / total_batch_size)
     # The prepared scheduler steps once per process per optimisation step.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
@@ -772,7 +758,6 @@ def main(args):
     # About ten heat-map columns per validation interval: enough to draw, and bounded in every checkpoint.
     region_history_stride = max(1, args.validation_steps // 10)
     drawn_conditions = hashlib.sha256()  # only fed with --debug_process_states
-    loss_fn = DistillationLoss(args.lambda_sd, args.lambda_kd_output, args.lambda_kd_feat)
 
     if accelerator.is_main_process and args.report_to != "none":
         tracker_config = {key: value for key, value in public_args(args).items()
@@ -832,25 +817,11 @@ def main(args):
                 args.train_batch_size, num_processes, args.gradient_accumulation_steps, total_batch_size)
     logger.info("  Steps = %d (starting at %d)", max_train_steps, global_step)
 
-    # ---------------------------------------------------------------- Step data
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    micro_batches = PairedMicroBatches(
-        paired, args.train_batch_size, args.gradient_accumulation_steps, accelerator.process_index, num_processes,
-        args.seed, num_train_timesteps, caption_region_ids, max_train_steps * args.gradient_accumulation_steps)
-    micro_batch_iterator = iter(micro_batch_loader(
-        micro_batches, global_step * args.gradient_accumulation_steps, num_workers=args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda"))
-    assemble_micro_batch = ConditionAssembler(
-        args.condition_sampling, sampler, corpus.prompts if corpus is not None else None, tokenizer, args.seed,
-        accelerator.process_index, num_train_timesteps, schedule=args.random_conditioning_schedule,
-        strength=args.random_conditioning_lambda, text_drop_prob=args.text_drop_prob,
-        importance_weighting=args.aria_importance_weighting)
-
-    distillation_step = DistillationStep(
-        accelerator, student, teacher_unet, text_encoder, noise_scheduler, optimizer, lr_scheduler, loss_fn,
-        student_features, teacher_features, assemble_micro_batch, micro_batch_iterator, sampler,
-        args.condition_sampling, tracker=tracker, ema_student=ema_student, ema_parameters=ema_parameters,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
+    # ---------------------------------------------------------------- The step (data pipeline, conditions, loss)
+    distillation_step = build_distillation_step(
+        args, accelerator, student, teacher_unet, text_encoder, tokenizer, noise_scheduler, optimizer, lr_scheduler,
+        paired, caption_region_ids, corpus.prompts if corpus is not None else None, sampler, tracker,
+        max_train_steps, start_step=global_step, ema_student=ema_student, ema_parameters=ema_parameters,
         weight_dtype=weight_dtype)
 
     preemption = PreemptionFlag()
@@ -992,8 +963,7 @@ def main(args):
             logger.info("Pushed %s to the Hub as %s", args.output_dir, repo_id)
         apply_umask_tree(args.output_dir)  # safetensors writes 0600 files; others on the cluster must read them
         logger.info("Student pipeline saved to %s", args.output_dir)
-    student_features.remove()
-    teacher_features.remove()
+    distillation_step.close()
     accelerator.end_training()
 
 

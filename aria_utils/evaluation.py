@@ -55,6 +55,10 @@ class EvaluationSetup:
     batch_size: int = 16
     seed: int = 0
     teacher_latents: dict = field(default_factory=dict)  # noise seed -> (N, C, h, w) teacher samples
+    # Keep the teacher's noise predictions between calls (one model run per student instead of two).
+    # Memory grows with prompts x seeds x timesteps x latent size: for small grids, e.g. the benchmark.
+    cache_teacher_predictions: bool = False
+    teacher_predictions: dict = field(default_factory=dict)  # (start, seed index, time index) -> prediction
 
 
 class DiscrepancyEvaluator:
@@ -137,7 +141,12 @@ class DiscrepancyEvaluator:
                     noise = torch.randn(x0.shape, generator=generator).to(self.device)
                     t = torch.full((stop - start,), timestep, device=self.device, dtype=torch.long)
                     noisy = self.noise_scheduler.add_noise(x0, noise, t).to(self.dtype)
-                    teacher = self.teacher_unet(noisy, t, states).sample.float()
+                    key = (start, seed_index, time_index)
+                    teacher = setup.teacher_predictions.get(key)
+                    if teacher is None:
+                        teacher = self.teacher_unet(noisy, t, states).sample.float()
+                        if setup.cache_teacher_predictions:
+                            setup.teacher_predictions[key] = teacher
                     student = student_unet(noisy, t, states).sample.float()
                     result[start:stop, seed_index, time_index] = (teacher - student).pow(2).flatten(1).mean(1).double().cpu()
         return result.numpy()

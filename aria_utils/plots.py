@@ -12,7 +12,7 @@ def _pyplot():
     return plt
 
 
-def _finish(figure, path):
+def finish_figure(figure, path):
     """Lay out, render to an RGB array (for TensorBoard), save as PNG when asked, close."""
     figure.tight_layout()
     figure.canvas.draw()
@@ -49,7 +49,7 @@ def region_heatmap(region_history, path=None, max_columns=200):
     figure.colorbar(mesh, ax=heat_axis, fraction=0.04)
     bar_axis.barh(np.arange(num_regions), final_probabilities, color="tab:blue")
     bar_axis.set_title("sampling prob.")
-    return _finish(figure, path)
+    return finish_figure(figure, path)
 
 
 def region_bar_chart(per_region_means, title, path=None):
@@ -61,4 +61,4 @@ def region_bar_chart(per_region_means, title, path=None):
     axis.set_xlabel("region")
     axis.set_ylabel("teacher-student noise MSE")
     axis.set_title(title)
-    return _finish(figure, path)
+    return finish_figure(figure, path)

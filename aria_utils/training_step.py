@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aria_utils.losses import training_target
+from aria_utils.losses import DistillationLoss, FeatureRecorder, training_target
 
 LOGGED_TERMS = ("loss", "loss/task", "loss/kd_output", "loss/kd_feat", "random_fraction")
 
@@ -124,3 +124,56 @@ class DistillationStep:
         if self.ema_student is not None and step_is_finite:
             self.ema_student.step(self.ema_parameters(accelerator.unwrap_model(self.student)))
         return StepResult(logs=logs, is_finite=step_is_finite, tracker_time=tracker_time, prompts=prompts)
+
+    def close(self):
+        """Remove the feature hooks from student and teacher."""
+        self.student_features.remove()
+        self.teacher_features.remove()
+
+
+def build_distillation_step(args, accelerator, student, teacher_unet, text_encoder, tokenizer, noise_scheduler,
+                            optimizer, lr_scheduler, paired, caption_region_ids, corpus_prompts, sampler, tracker,
+                            max_train_steps, start_step=0, ema_student=None, ema_parameters=None,
+                            weight_dtype=torch.float32):
+    """The step the training script's flags describe, with its data pipeline positioned at `start_step`.
+
+    `student`, `optimizer` and `lr_scheduler` are the prepared ones. The feature hooks sit on the
+    unwrapped modules; call `step.close()` to remove them.
+    """
+    from aria_utils.step_batches import ConditionAssembler, PairedMicroBatches, micro_batch_loader
+    from aria_utils.students import feature_layer_pairs
+
+    feature_pairs = feature_layer_pairs(accelerator.unwrap_model(student), teacher_unet)
+    student_features = FeatureRecorder(accelerator.unwrap_model(student), [pair[0] for pair in feature_pairs])
+    teacher_features = FeatureRecorder(teacher_unet, [pair[1] for pair in feature_pairs])
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    accumulation = args.gradient_accumulation_steps
+    micro_batches = PairedMicroBatches(
+        paired, args.train_batch_size, accumulation, accelerator.process_index, accelerator.num_processes, args.seed,
+        num_train_timesteps, caption_region_ids, max_train_steps * accumulation)
+    micro_batch_iterator = iter(micro_batch_loader(
+        micro_batches, start_step * accumulation, num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda"))
+    assemble_micro_batch = ConditionAssembler(
+        args.condition_sampling, sampler, corpus_prompts, tokenizer, args.seed, accelerator.process_index,
+        num_train_timesteps, schedule=args.random_conditioning_schedule, strength=args.random_conditioning_lambda,
+        text_drop_prob=args.text_drop_prob, importance_weighting=args.aria_importance_weighting)
+    return DistillationStep(
+        accelerator, student, teacher_unet, text_encoder, noise_scheduler, optimizer, lr_scheduler,
+        DistillationLoss(args.lambda_sd, args.lambda_kd_output, args.lambda_kd_feat), student_features,
+        teacher_features, assemble_micro_batch, micro_batch_iterator, sampler, args.condition_sampling,
+        tracker=tracker, ema_student=ema_student, ema_parameters=ema_parameters,
+        gradient_accumulation_steps=accumulation, max_grad_norm=args.max_grad_norm, weight_dtype=weight_dtype)
+
+
+def build_optimizer(args, parameters, total_batch_size):
+    """AdamW (8-bit with --use_8bit_adam) over `parameters`, lr scaled by the batch with --scale_lr."""
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    learning_rate = args.learning_rate * (total_batch_size if args.scale_lr else 1)
+    return optimizer_class(parameters, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)

@@ -1,14 +1,13 @@
 """LoRA students, 8-bit options, the model card and pushing to the Hub (issue: students that get published)."""
 
 import os
-import subprocess
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, run, training_command
+from conftest import run, training_command
 
 TOKEN = "hf_aria_test_token_7f3c9d"  # must never reach a file or a log
 
