@@ -35,6 +35,7 @@ class StepResult:
     is_finite: bool  # False: the update (optimizer, tracker, EMA) was skipped on every process
     tracker_time: float  # seconds spent on ARIA's own work: allocation, statistics, update
     prompts: list = field(default_factory=list)  # every condition drawn this step, in order
+    region_probabilities: object = None  # the distribution random conditions were drawn from (None: paired)
 
 
 class DistillationStep:
@@ -123,7 +124,8 @@ class DistillationStep:
             tracker_time += time.perf_counter() - tick
         if self.ema_student is not None and step_is_finite:
             self.ema_student.step(self.ema_parameters(accelerator.unwrap_model(self.student)))
-        return StepResult(logs=logs, is_finite=step_is_finite, tracker_time=tracker_time, prompts=prompts)
+        return StepResult(logs=logs, is_finite=step_is_finite, tracker_time=tracker_time, prompts=prompts,
+                          region_probabilities=region_probabilities)
 
     def close(self):
         """Remove the feature hooks from student and teacher."""
