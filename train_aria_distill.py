@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 
@@ -40,10 +39,15 @@ from aria_utils.paired_data import (
     load_image_caption_dataset,
     load_paired_latents,
 )
+from aria_utils.preemption import PreemptionFlag
 from aria_utils.prompts import PromptCorpusError, check_prompt_file, load_prompt_corpus
 from aria_utils.quiet import silence_known_harmless_messages
 from aria_utils.regions import RegionIndexError
-from aria_utils.training_step import all_processes_agree, build_distillation_step, build_optimizer
+from aria_utils.training_step import (
+    all_processes_agree,
+    build_distillation_step,
+    build_optimizer,
+)
 
 logger = logging.getLogger("train_aria_distill")
 
@@ -173,6 +177,12 @@ def build_parser():
     parser.add_argument("--hub_model_id", default=None, help="Repo id; default: the name of --output_dir.")
     parser.add_argument("--hub_token", default=None, help="Never logged or saved; prefer `hf auth login`.")
     parser.add_argument("--hub_private", action="store_true")
+    parser.add_argument("--hub_base_model", default=None,
+                        help="The model card's base_model (a hub id). Default: the teacher when it is a hub id; a local "
+                             "folder or single file is left out, since the Hub refuses a card whose base_model is a path.")
+    parser.add_argument("--hub_license", default=None,
+                        help="The model card's license. Default: the teacher family's (SD-1.x creativeml-openrail-m, "
+                             "SD-2.x and SDXL openrail++): a distilled student is a derivative of its teacher.")
     parser.add_argument("--hub_push_checkpoints", action="store_true",
                         help="Also push the student UNet at every checkpoint, in the background.")
     parser.add_argument("--ddp_timeout", type=int, default=7200,
@@ -439,6 +449,30 @@ def check_mixed_precision(accelerator):
                          "Use --mixed_precision bf16 (works on CPU) or no.")
 
 
+def configure_deepspeed(accelerator, args):
+    """Under DeepSpeed, make its config follow the flags; returns whether DeepSpeed is in use.
+
+    DeepSpeed reads micro-batch size, accumulation and clipping from its own config (and there is no
+    DataLoader for it to infer the batch size from), so the flags are written into it before `prepare`.
+    It also steps its optimizer inside `backward`, so this script cannot skip an update after a
+    non-finite loss: with fp16 DeepSpeed's dynamic loss scaler skips overflowing steps itself;
+    otherwise only --on_nonfinite stop is honest.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return False
+    if args.on_nonfinite == "skip" and accelerator.mixed_precision != "fp16":
+        raise SystemExit("error: under DeepSpeed --on_nonfinite skip cannot skip an update (DeepSpeed steps inside "
+                         "backward): use --mixed_precision fp16, whose loss scaler skips overflowing steps, or "
+                         "--on_nonfinite stop.")
+    plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=args.train_batch_size,
+                                   gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                   gradient_clipping=args.max_grad_norm)
+    plugin.deepspeed_config["train_batch_size"] = "auto"  # filled by accelerate from the three above
+    accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
+    return True
+
+
 def public_args(args):
     return {key: value for key, value in vars(args).items() if key not in SECRET_ARGS}
 
@@ -460,8 +494,15 @@ def load_initial_student(args, teacher_path, teacher_unet=None, load_kwargs=None
     return students.build_student(teacher_unet, args.student_config)
 
 
-def write_card(args, teacher_path, teacher_unet, student):
-    from aria_utils.model_card import load_region_report, redacted_command, write_model_card
+def write_card(args, teacher_path, teacher_unet, student, repo_id=None):
+    from aria_utils.hub import looks_like_local_path
+    from aria_utils.model_card import (
+        default_license,
+        hub_base_model,
+        load_region_report,
+        redacted_command,
+        write_model_card,
+    )
 
     validation_dir = os.path.join(args.output_dir, "validation")
     images = sorted(os.listdir(validation_dir), key=lambda n: int(n.split("-")[1].split(".")[0])) \
@@ -473,7 +514,11 @@ def write_card(args, teacher_path, teacher_unet, student):
         args.output_dir, teacher_path, description, students.count_parameters(teacher_unet),
         students.count_parameters(student), public_args(args), redacted_command(sys.argv[1:], [f"--{name}" for name in SECRET_ARGS]),
         region_report=load_region_report(args.output_dir), validation_images=[f"validation/{n}" for n in images[-1:]],
-        lora=args.use_lora and not args.lora_merge)
+        lora=args.use_lora and not args.lora_merge, base_model=hub_base_model(teacher_path, args.hub_base_model),
+        license=args.hub_license or default_license(teacher_unet.config),
+        datasets=[name for name in (args.dataset_name, args.prompt_dataset_name)
+                  if name and not looks_like_local_path(name) and not os.path.exists(name)],
+        repo_id=repo_id)
 
 
 def peak_host_memory_bytes():
@@ -515,32 +560,6 @@ def write_process_state(output_dir, accelerator, student, tracker, conditions_di
         json.dump(state, handle, indent=2)
 
 
-class PreemptionFlag:
-    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and exits.
-
-    The exit status is 128 + the signal (143 for SIGTERM, 130 for Ctrl-C), as a shell reports a
-    process ended by that signal, so a scheduler can tell an interrupted run from a finished one.
-    Processes that stop because another one was signalled exit with 143.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.signum = None
-
-    def install(self):
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame):
-        logger.warning("Received signal %d: finishing this step, then checkpointing and exiting.", signum)
-        self.requested = True
-        self.signum = signum
-
-    @property
-    def exit_status(self):
-        return 128 + (self.signum or signal.SIGTERM)
-
-
 def main(args):
     from datetime import timedelta
 
@@ -554,7 +573,7 @@ def main(args):
 
     from aria_utils.plots import region_heatmap
     from aria_utils.tracker import RegionTracker
-    from aria_utils.validation import Validator
+    from aria_utils.validation import Validator, log_image
 
     # ---------------------------------------------------------------- Accelerator and logging
     accelerator = Accelerator(
@@ -567,6 +586,7 @@ def main(args):
     )
     check_mixed_precision(accelerator)
     check_process_group(accelerator)
+    uses_deepspeed = configure_deepspeed(accelerator, args)
     if args.teacher_quantization != "none" and accelerator.device.type != "cuda":
         raise SystemExit(f"--teacher_quantization {args.teacher_quantization} needs a CUDA GPU: diffusers only "
                          "quantizes with bitsandbytes on a GPU. Use --teacher_quantization none on this machine.")
@@ -577,17 +597,18 @@ def main(args):
             check_hub_access(args.hub_token)  # before minutes of loading and hours of training
         except HubError as error:
             raise SystemExit(f"error: {error}")
-    checkpoint_pusher = None
-    if args.hub_push_checkpoints and accelerator.is_main_process:
+    checkpoint_pusher = hub_repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
         from huggingface_hub import HfApi
 
         from aria_utils.hub import CheckpointPusher, default_repo_id
 
-        # The repo must exist before the first background upload, which would otherwise fail unseen.
+        # Created now: checkpoint uploads need it, and the model card names its full id (namespace/name).
         hub_api = HfApi()
-        repo = hub_api.create_repo(default_repo_id(args.output_dir, args.hub_model_id), token=args.hub_token,
-                                   private=args.hub_private, exist_ok=True)
-        checkpoint_pusher = CheckpointPusher(hub_api, repo.repo_id, token=args.hub_token)
+        hub_repo_id = hub_api.create_repo(default_repo_id(args.output_dir, args.hub_model_id), token=args.hub_token,
+                                          private=args.hub_private, exist_ok=True).repo_id
+        if args.hub_push_checkpoints:
+            checkpoint_pusher = CheckpointPusher(hub_api, hub_repo_id, token=args.hub_token)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         logging.getLogger().setLevel(logging.WARNING)
@@ -850,9 +871,7 @@ def main(args):
                 validator.run(accelerator.unwrap_model(student), step, accelerator.trackers)
         if tracker is not None and region_history and accelerator.is_main_process:
             image = region_heatmap(region_history, os.path.join(args.output_dir, "aria_regions.png"))
-            for run_tracker in accelerator.trackers:
-                if run_tracker.name == "tensorboard":
-                    run_tracker.writer.add_image("aria/region_discrepancy_heatmap", image, step, dataformats="HWC")
+            log_image(accelerator.trackers, "aria/region_discrepancy_heatmap", image, step)
 
     step_times, tracker_times = [], []
     first_step_finished_at = None  # wall clock, for start-up measurements (examples/benchmark/scale.py)
@@ -865,6 +884,10 @@ def main(args):
         if not step_is_finite:
             nonfinite_skipped += 1
             logger.warning("Non-finite loss at step %d: update skipped (%d so far).", global_step, nonfinite_skipped)
+            if args.on_nonfinite == "stop" and uses_deepspeed:
+                # DeepSpeed has already applied this step's update: the last good state is the last checkpoint.
+                raise SystemExit(f"Stopped on a non-finite loss at step {global_step} (--on_nonfinite stop); resume "
+                                 "from the last checkpoint written before it.")
             if args.on_nonfinite == "stop":
                 checkpointing.save_checkpoint(accelerator, args.output_dir, global_step, training_state(),
                                               args.checkpoints_total_limit)
@@ -903,10 +926,7 @@ def main(args):
             with ema_weights_applied():
                 eval_logs, eval_image = periodic_evaluation.run(accelerator.unwrap_model(student), global_step)
             accelerator.log(eval_logs, step=global_step)
-            for run_tracker in accelerator.trackers:
-                if run_tracker.name == "tensorboard":
-                    run_tracker.writer.add_image("eval/discrepancy_per_region", eval_image, global_step,
-                                                 dataformats="HWC")
+            log_image(accelerator.trackers, "eval/discrepancy_per_region", eval_image, global_step)
 
         # Every process must agree to stop at the same step: checkpointing is collective.
         stop_now = not all_processes_agree(accelerator, not preemption.requested)
@@ -949,18 +969,16 @@ def main(args):
         write_train_summary(os.path.join(args.output_dir, "train_summary.json"), step_times, tracker_times,
                             total_batch_size, global_step, nonfinite_skipped, first_step_finished_at)
         # The card names the teacher as the user gave it (hub id, folder or file), not its converted copy.
-        write_card(args, args.pretrained_model_name_or_path, teacher_unet, accelerator.unwrap_model(student))
+        write_card(args, args.pretrained_model_name_or_path, teacher_unet, accelerator.unwrap_model(student),
+                   hub_repo_id)
         if checkpoint_pusher is not None:  # finished before the final upload: one commit at a time
             for failure in checkpoint_pusher.finish():
                 logger.warning("A checkpoint push to the Hub failed (%s); the local checkpoint is intact.", failure)
         if args.push_to_hub:
-            from huggingface_hub import HfApi
+            from aria_utils.hub import push_output_folder
 
-            from aria_utils.hub import default_repo_id, push_output_folder
-
-            repo_id = default_repo_id(args.output_dir, args.hub_model_id)
-            push_output_folder(HfApi(), args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
-            logger.info("Pushed %s to the Hub as %s", args.output_dir, repo_id)
+            push_output_folder(hub_api, args.output_dir, hub_repo_id, token=args.hub_token, private=args.hub_private)
+            logger.info("Pushed %s to the Hub as %s", args.output_dir, hub_repo_id)
         apply_umask_tree(args.output_dir)  # safetensors writes 0600 files; others on the cluster must read them
         logger.info("Student pipeline saved to %s", args.output_dir)
     distillation_step.close()

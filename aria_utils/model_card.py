@@ -1,10 +1,46 @@
-"""The model card (README.md with YAML metadata) written next to the distilled student."""
+"""The model card (README.md with YAML metadata) written next to the distilled student.
+
+Built with huggingface_hub's ModelCard / ModelCardData, so the metadata is what the Hub validates:
+`base_model` only when the teacher is a hub id (the Hub refuses a card whose base_model is a local
+path), a license inherited from the teacher's family, and the hub datasets the student was trained on.
+"""
 
 import json
 import os
 import shlex
 
-TAGS = ["diffusers", "text-to-image", "stable-diffusion", "distillation", "bk-sdm", "aria"]
+TAGS = ["diffusers", "diffusers-training", "text-to-image", "stable-diffusion", "distillation", "bk-sdm", "aria"]
+# A distilled student is a derivative of its teacher: it carries the teacher family's license.
+FAMILY_LICENSES = {"sd-1": "creativeml-openrail-m", "sd-2": "openrail++", "sdxl": "openrail++"}
+
+
+def teacher_family(unet_config):
+    """sd-1, sd-2 or sdxl, from the teacher UNet's config (SD-2 uses linear projections, SDXL text_time)."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd-2" if unet_config.get("use_linear_projection") else "sd-1"
+
+
+def default_license(unet_config):
+    return FAMILY_LICENSES[teacher_family(unet_config)]
+
+
+def hub_base_model(teacher, override=None):
+    """The card's base_model: --hub_base_model, else the teacher when it is a hub id, else None."""
+    if override:
+        return override
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from aria_utils.hub import looks_like_local_path
+    from aria_utils.single_file import is_single_file
+
+    if os.path.exists(teacher) or is_single_file(teacher) or looks_like_local_path(teacher):
+        return None
+    try:
+        validate_repo_id(teacher)
+    except HFValidationError:
+        return None
+    return teacher
 
 
 def redacted_command(argv, secret_flags):
@@ -23,10 +59,6 @@ def redacted_command(argv, secret_flags):
     return "accelerate launch train_aria_distill.py " + shlex.join(kept)
 
 
-def _yaml_list(values):
-    return "\n".join(f"- {value}" for value in values)
-
-
 def _region_table(region_report):
     lines = ["| region | prompts | representative prompt | final discrepancy | sampling probability | visits |",
              "|---|---|---|---|---|---|"]
@@ -38,26 +70,32 @@ def _region_table(region_report):
 
 
 def write_model_card(output_dir, teacher, student_description, teacher_parameters, student_parameters, hyperparameters,
-                     command, region_report=None, evaluation=None, validation_images=(), lora=False):
-    """Write OUTPUT_DIR/README.md; returns its path."""
+                     command, region_report=None, evaluation=None, validation_images=(), lora=False, base_model=None,
+                     license="creativeml-openrail-m", datasets=(), repo_id=None):
+    """Write OUTPUT_DIR/README.md; returns its path. `repo_id` names the model in the usage snippet
+    (the Hub repo when pushing, else the output folder)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     ratio = student_parameters / teacher_parameters if teacher_parameters else float("nan")
     hyperparameter_rows = "\n".join(
         f"| `{key}` | `{value}` |" for key, value in sorted(hyperparameters.items())
         if isinstance(value, (int, float, str, bool)) and value is not None)
-    usage = ("pipe = StableDiffusionPipeline.from_pretrained(repo_id)\npipe.load_lora_weights(repo_id)"
-             if lora else "pipe = StableDiffusionPipeline.from_pretrained(repo_id)")
+    name = repo_id or output_dir
+    usage = [f'pipe = StableDiffusionPipeline.from_pretrained("{name}")']
+    if lora:
+        usage.append(f'pipe.load_lora_weights("{name}")')
+    teacher_link = f"[`{teacher}`](https://huggingface.co/{teacher})" if base_model == teacher else f"`{teacher}`"
+    metadata = ModelCardData(base_model=base_model, license=license, library_name="diffusers",
+                             pipeline_tag="text-to-image", tags=TAGS + (["lora"] if lora else []),
+                             datasets=list(datasets) or None)
     sections = [
         "---",
-        f"base_model: {teacher}",
-        "library_name: diffusers",
-        "pipeline_tag: text-to-image",
-        "tags:",
-        _yaml_list(TAGS + (["lora"] if lora else [])),
+        metadata.to_yaml(),
         "---",
         "",
-        f"# {os.path.basename(os.path.normpath(output_dir))}",
+        f"# {os.path.basename(os.path.normpath(repo_id or output_dir))}",
         "",
-        f"A {student_description} distilled from [`{teacher}`](https://huggingface.co/{teacher}) with BK-SDM "
+        f"A {student_description} distilled from {teacher_link} with BK-SDM "
         "output and feature knowledge distillation, Random Conditioning, and ARIA's adaptive allocation of random "
         "conditions over regions of the prompt space.",
         "",
@@ -71,7 +109,7 @@ def write_model_card(output_dir, teacher, student_description, teacher_parameter
         "```python",
         "from diffusers import StableDiffusionPipeline",
         "",
-        usage,
+        *usage,
         'image = pipe("a photo of an astronaut riding a horse").images[0]',
         "```",
         "",
@@ -96,8 +134,7 @@ def write_model_card(output_dir, teacher, student_description, teacher_parameter
         sections += ["", "## Validation images", "", "Teacher row over student row, same prompts and seeds.", ""]
         sections += [f"![validation]({path})" for path in validation_images]
     path = os.path.join(output_dir, "README.md")
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(sections) + "\n")
+    ModelCard("\n".join(sections) + "\n").save(path)
     return path
 
 

@@ -90,7 +90,7 @@ class Validator:
                                self.resolution, self.device)
 
     def run(self, student_unet, step, trackers=()):
-        """Generate, save `validation/step-<step>.png`, log to TensorBoard; return the grid array."""
+        """Generate, save `validation/step-<step>.png`, log to the trackers; return the grid array."""
         from PIL import Image
 
         if self._teacher_images is None:
@@ -100,7 +100,14 @@ class Validator:
                              self.prompts)
         os.makedirs(self.output_dir, exist_ok=True)
         Image.fromarray(grid).save(os.path.join(self.output_dir, f"step-{step}.png"))
-        for tracker in trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("validation/teacher_over_student", grid, step, dataformats="HWC")
+        log_image(trackers, "validation/teacher_over_student", grid, step)
         return grid
+
+
+def log_image(trackers, name, image, step):
+    """Send an (H, W, 3) uint8 image to every tracker that takes images: TensorBoard and wandb."""
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, image, step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({name: [image]}, step=step)  # accelerate wraps each in wandb.Image

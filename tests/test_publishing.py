@@ -66,13 +66,70 @@ def test_trainable_params_stay_fp32_under_half_precision(assets):
 
 
 def test_model_card(lora_run):
+    from huggingface_hub import ModelCard
+
     output, _ = lora_run
-    card = (output / "README.md").read_text()
-    metadata = yaml.safe_load(card.split("---")[1])
-    assert metadata["base_model"].endswith("tiny-teacher")
-    assert {"diffusers", "text-to-image", "distillation", "aria"} <= set(metadata["tags"])
-    assert "## ARIA regions" in card and card.count("\n| 0 |") + card.count("\n| 1 |") >= 2
-    assert "accelerate launch train_aria_distill.py" in card and "validation/step-4.png" in card
+    card = ModelCard.load(str(output / "README.md"))  # what the Hub parses
+    metadata = yaml.safe_load(card.content.split("---")[1])
+    # A local teacher folder is not a hub id: the Hub would refuse the card with it as base_model.
+    assert "base_model" not in metadata and card.data.base_model is None
+    assert metadata["license"] == "creativeml-openrail-m"  # the tiny teacher has the SD-1.x layout
+    assert {"diffusers", "diffusers-training", "text-to-image", "distillation", "aria", "lora"} <= set(metadata["tags"])
+    assert "## ARIA regions" in card.text and card.text.count("\n| 0 |") + card.text.count("\n| 1 |") >= 2
+    assert "accelerate launch train_aria_distill.py" in card.text and "validation/step-4.png" in card.text
+    assert f'from_pretrained("{output}")' in card.text and "repo_id" not in card.text
+
+
+@pytest.mark.parametrize("teacher, override, expected", [
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5", None, "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("/models/my-teacher", None, None),
+    ("community.safetensors", None, None),
+    ("/models/my-teacher", "stable-diffusion-v1-5/stable-diffusion-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+])
+def test_card_base_model_is_a_hub_id_or_absent(tmp_path, teacher, override, expected):
+    from huggingface_hub import ModelCard
+
+    from aria_utils.model_card import hub_base_model, write_model_card
+
+    path = write_model_card(str(tmp_path), teacher, "BK-SDM `bk_small` student", 100.0, 50.0, {"seed": 0}, "cmd",
+                            base_model=hub_base_model(teacher, override), license="openrail++",
+                            datasets=["org/prompts"], repo_id="user/bk-small-aria")
+    card = ModelCard.load(path)
+    assert card.data.base_model == expected
+    assert card.data.license == "openrail++" and card.data.datasets == ["org/prompts"]
+    assert 'from_pretrained("user/bk-small-aria")' in card.text
+
+
+def test_license_follows_the_teacher_family():
+    from aria_utils.model_card import default_license
+
+    assert default_license({"use_linear_projection": False, "cross_attention_dim": 768}) == "creativeml-openrail-m"
+    assert default_license({"use_linear_projection": True, "cross_attention_dim": 1024}) == "openrail++"
+    assert default_license({"addition_embed_type": "text_time", "use_linear_projection": True}) == "openrail++"
+
+
+def test_validation_images_reach_every_tracker_that_takes_images():
+    import numpy as np
+
+    from aria_utils.validation import log_image
+
+    class Recorder:
+        def __init__(self, name):
+            self.name, self.calls = name, []
+            self.writer = self  # TensorBoard's SummaryWriter
+
+        def add_image(self, *args, **kwargs):
+            self.calls.append(("add_image", args, kwargs))
+
+        def log_images(self, values, step):
+            self.calls.append(("log_images", values, step))
+
+    trackers = [Recorder("tensorboard"), Recorder("wandb")]
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    log_image(trackers, "validation/teacher_over_student", image, 4)
+    assert trackers[0].calls[0][0] == "add_image" and trackers[0].calls[0][1][2] == 4
+    name, values, step = trackers[1].calls[0]
+    assert name == "log_images" and step == 4 and values["validation/teacher_over_student"][0] is image
 
 
 def test_token_never_written_or_logged(lora_run):

@@ -193,3 +193,62 @@ def test_resume_with_another_region_index_is_refused(assets, tmp_path):
     assert other.returncode != 0 and "Traceback" not in other.stderr
     assert "tracked other regions" in other.stderr and "(--region_seed) changed" in other.stderr
     assert "Loading the teacher" not in other.stderr
+
+
+def training_processes(launcher_pid):
+    import psutil
+
+    return [child for child in psutil.Process(launcher_pid).children(recursive=True)
+            if any("train_aria_distill.py" in part for part in child.cmdline())]
+
+
+@pytest.mark.parametrize("target", ["launcher", "one training process", "process group", "launcher killed"])
+def test_preemption_reaches_training_whichever_process_is_signalled(assets, tmp_path, target):
+    """Two launched CPU processes; SIGTERM to the launcher (what Kubernetes signals), to one training process,
+    or to the whole group; or the launcher SIGKILLed (the training processes then get SIGTERM from the kernel).
+    Each ends with a complete checkpoint, and no process trains on."""
+    import psutil
+
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    config = os.path.join(REPO_ROOT, "examples", "accelerate_configs", "cpu_two_processes.yaml")
+    steps = 400
+    output = tmp_path / "out"
+
+    def command(*extra):
+        return [accelerate, "launch", "--config_file", config, "--num_cpu_threads_per_process", "1",
+                *training_command(assets, output, "--checkpointing_steps", "1000", *extra, steps=steps)[1:]]
+
+    log_path = tmp_path / "run.log"
+    handle = open(log_path, "w")
+    launcher = subprocess.Popen(command(), stdout=handle, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                env=dict(os.environ, ACCELERATE_USE_CPU="1"), start_new_session=True)
+    wait_for_step(log_path, launcher, 3, steps)
+    trainers = training_processes(launcher.pid)
+    assert len(trainers) == 2
+    if target == "launcher":
+        launcher.send_signal(signal.SIGTERM)
+    elif target == "one training process":
+        trainers[-1].send_signal(signal.SIGTERM)  # the others stop with it: stopping is agreed collectively
+    elif target == "process group":
+        os.killpg(launcher.pid, signal.SIGTERM)
+    else:
+        launcher.send_signal(signal.SIGKILL)
+    status = launcher.wait(timeout=180)
+    psutil.wait_procs(trainers, timeout=180)
+    handle.close()
+    log = open(log_path, errors="replace").read()
+    assert status != 0, log[-3000:]  # a scheduler can tell the run was interrupted
+    assert not any(trainer.is_running() for trainer in trainers), "a training process trains on, orphaned"
+    assert "Preempted: checkpoint-" in log, log[-3000:]
+    checkpoints = complete_checkpoints(str(output))
+    assert len(checkpoints) == 1 and 3 <= checkpoints[0][0] < steps
+    assert resolve_resume_checkpoint(str(output), "latest") == checkpoints[0][1]
+    if target == "launcher":
+        resumed_from = checkpoints[0][0]
+        # The last --max_train_steps wins: two more steps are enough to show the checkpoint resumes.
+        finish = subprocess.run(command("--resume_from_checkpoint", "latest", "--max_train_steps", str(resumed_from + 2)),
+                                capture_output=True, text=True, cwd=REPO_ROOT,
+                                env=dict(os.environ, ACCELERATE_USE_CPU="1"), timeout=300)
+        assert finish.returncode == 0, finish.stderr[-3000:]
+        assert f"checkpoint-{resumed_from}" in finish.stderr
+        assert json.load(open(output / "train_summary.json"))["global_step"] == resumed_from + 2

@@ -68,4 +68,6 @@ def test_single_file_teacher_trains_resumes_and_exports(assets, community_checkp
     image = pipeline("a red bicycle", num_inference_steps=2, output_type="np").images[0]
     assert image.shape[-1] == 3
     card = (output / "README.md").read_text()
-    assert yaml.safe_load(card.split("---")[1])["base_model"] == community_checkpoint
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert "base_model" not in metadata  # a file path is no hub id: the Hub would refuse the card
+    assert metadata["license"] == "creativeml-openrail-m" and community_checkpoint in card  # named in the text
