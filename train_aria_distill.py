@@ -587,6 +587,10 @@ def main(args):
     check_mixed_precision(accelerator)
     check_process_group(accelerator)
     uses_deepspeed = configure_deepspeed(accelerator, args)
+    if accelerator.distributed_type == "FSDP" and args.use_ema:
+        # Each process holds a shard of every parameter: an EMA of it would be saved and restored incompletely.
+        raise SystemExit("error: --use_ema is not supported under FSDP (the average would cover one shard per "
+                         "process); use DDP or DeepSpeed ZeRO-2 for EMA, or drop --use_ema.")
     if args.teacher_quantization != "none" and accelerator.device.type != "cuda":
         raise SystemExit(f"--teacher_quantization {args.teacher_quantization} needs a CUDA GPU: diffusers only "
                          "quantizes with bitsandbytes on a GPU. Use --teacher_quantization none on this machine.")
