@@ -375,6 +375,10 @@ def read_teacher_configs(args):
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: its "
                          f"unet/ and scheduler/ configs could not be read ({type(error).__name__}: {error}).") from None
+    if unet_config.get("addition_embed_type") == "text_time":
+        raise SystemExit(f"error: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is an SDXL "
+                         "pipeline (its UNet also takes pooled text embeddings and time ids); this version distils "
+                         "SD-1.x/2.x teachers only.")
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in SUPPORTED_PREDICTION_TYPES:
         raise SystemExit(f"error: the teacher's scheduler predicts {prediction_type!r}; this script trains "

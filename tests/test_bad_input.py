@@ -50,6 +50,11 @@ def inputs(assets, tmp_path_factory):
     scheduler_config.write_text(json.dumps(dict(json.loads(scheduler_config.read_text()),
                                                 prediction_type="flow_prediction")))
 
+    made["sdxl_teacher"] = root / "sdxl-teacher"
+    shutil.copytree(assets["teacher"], made["sdxl_teacher"])
+    unet_config = made["sdxl_teacher"] / "unet" / "config.json"
+    unet_config.write_text(json.dumps(dict(json.loads(unet_config.read_text()), addition_embed_type="text_time")))
+
     # A paired set whose second shard lost its end (a copy cut short).
     made["truncated_shard"] = root / "truncated-shard"
     shutil.copytree(assets["teacher_data"], made["truncated_shard"])
@@ -155,6 +160,8 @@ CASES = [
      ["--train_batch_size 1000", "48 paired latents"]),
     ("teacher with an unsupported prediction type", "main", [], {"pretrained_model_name_or_path": "{flow_teacher}"},
      ["predicts 'flow_prediction'", "epsilon, v_prediction, sample"]),
+    ("SDXL teacher", "main", [], {"pretrained_model_name_or_path": "{sdxl_teacher}"},
+     ["is an SDXL pipeline", "SD-1.x/2.x teachers only"]),
     ("truncated shard", "main", [], {"train_data_dir": "{truncated_shard}"},
      ["shard-00001.safetensors is truncated", "regenerate"]),
 ]
