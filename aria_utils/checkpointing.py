@@ -127,7 +127,7 @@ def resolve_resume_checkpoint(output_dir, resume_from_checkpoint, warn=True):
 
 # Arguments that decide the shapes of what a checkpoint holds: resuming with others cannot work.
 STATE_DEFINING_ARGS = ("student_config", "student_model_name_or_path", "use_lora", "lora_rank",
-                       "lora_target_modules", "use_ema")
+                       "lora_target_modules", "use_ema", "aria_allocation")  # the tracker state belongs to its rule
 
 
 def resume_mismatches(checkpoint_args, args):

@@ -189,3 +189,15 @@ def test_rule_state_round_trips_through_json(allocation):
     assert np.array_equal(restored.probabilities(), tracker.probabilities())
     with pytest.raises(ValueError, match="--aria_allocation"):
         RegionTracker(4, allocation="level").load_state_dict(tracker.state_dict())
+
+
+def test_resume_with_another_allocation_rule_is_named_before_loading():
+    from types import SimpleNamespace
+
+    from aria_utils.checkpointing import resume_mismatches
+
+    now = SimpleNamespace(student_config="bk_small", student_model_name_or_path=None, use_lora=False, lora_rank=4,
+                          lora_target_modules=None, use_ema=False, aria_allocation="dro")
+    checkpoint_args = dict(vars(now), aria_allocation="level")
+    assert resume_mismatches(checkpoint_args, now) == ["--aria_allocation 'level' in the checkpoint, 'dro' now"]
+    assert resume_mismatches(dict(vars(now)), now) == []
