@@ -43,6 +43,7 @@ from aria_utils.preemption import PreemptionFlag
 from aria_utils.prompts import PromptCorpusError, check_prompt_file, load_prompt_corpus
 from aria_utils.quiet import silence_known_harmless_messages
 from aria_utils.regions import RegionIndexError
+from aria_utils.teacher import load_frozen_teacher
 from aria_utils.training_step import (
     all_processes_agree,
     build_distillation_step,
@@ -569,11 +570,10 @@ def main(args):
 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
-    from transformers import AutoModel, AutoTokenizer
 
     from aria_utils.plots import region_heatmap
     from aria_utils.tracker import RegionTracker
@@ -699,16 +699,10 @@ def main(args):
         logger.info("Single-file teacher %s converted to the diffusers folder %s", args.pretrained_model_name_or_path,
                     teacher_path)
         load_kwargs = dict(cache_dir=args.cache_dir)
-    # Auto classes resolve to CLIPTokenizerFast / CLIPTextModel for SD-1.x/2.x checkpoints.
-    config_kwargs = {key: value for key, value in load_kwargs.items() if key != "variant"}  # variants name weights
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path, subfolder="tokenizer", **config_kwargs)
-    noise_scheduler = DDPMScheduler.from_pretrained(teacher_path, subfolder="scheduler", **config_kwargs)
-    text_encoder = AutoModel.from_pretrained(teacher_path, subfolder="text_encoder", **load_kwargs)
-    vae = AutoencoderKL.from_pretrained(teacher_path, subfolder="vae", **load_kwargs)
-    teacher_unet = UNet2DConditionModel.from_pretrained(teacher_path, subfolder="unet", **load_kwargs)
-    for frozen in (text_encoder, vae, teacher_unet):
-        frozen.requires_grad_(False)
-        frozen.eval()
+    teacher = load_frozen_teacher(teacher_path, **load_kwargs)
+    tokenizer, noise_scheduler, text_encoder = teacher.tokenizer, teacher.noise_scheduler, teacher.text_encoder
+    vae, teacher_unet = teacher.vae, teacher.unet
+    del teacher  # the names above own the components: --teacher_quantization replaces and frees two of them
 
     student = load_initial_student(args, teacher_path, teacher_unet)
     student.train()

@@ -241,12 +241,11 @@ def save_sample_grid(path, teacher_images, student_images):
 
 
 def run_evaluation(args):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoModel, AutoTokenizer
 
     from aria_utils.paired_data import load_paired_latents
     from aria_utils.prompts import load_prompt_corpus
     from aria_utils.regions import load_region_index, model_identity
+    from aria_utils.teacher import load_frozen_teacher
 
     os.makedirs(args.output_dir, exist_ok=True)
     index = load_region_index(args.region_cache_dir)
@@ -264,16 +263,14 @@ def run_evaluation(args):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     if dtype == torch.float16 and device == "cpu":
         raise EvaluationError("--mixed_precision fp16 needs a GPU; use bf16 or no on CPU.")
-    teacher_unet = UNet2DConditionModel.from_pretrained(args.teacher, subfolder="unet")
+    teacher = load_frozen_teacher(args.teacher)
+    teacher_unet, text_encoder, vae = teacher.unet, teacher.text_encoder, teacher.vae
+    tokenizer, scheduler = teacher.tokenizer, teacher.noise_scheduler
     students = {name: load_student_unet(path, args.teacher) for name, path in args.student}
     for name, unet in students.items():
         check_compatible(teacher_unet, unet, name)
-    for model in [teacher_unet, *students.values()]:
+    for model in [teacher_unet, text_encoder, vae, *students.values()]:
         model.to(device, dtype).eval().requires_grad_(False)
-    text_encoder = AutoModel.from_pretrained(args.teacher, subfolder="text_encoder").to(device, dtype).eval()
-    vae = AutoencoderKL.from_pretrained(args.teacher, subfolder="vae").to(device, dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(args.teacher, subfolder="scheduler")
 
     region_ids = index.assign_prompts(prompts)
     paired_region_ids = None
