@@ -110,3 +110,11 @@ def test_region_purity_coverage_and_share():
     assert result["coverage"] == pytest.approx(1.0)
     assert result["purity"] == pytest.approx(3 / 5)
     assert result["corpus_share"] == pytest.approx(0.3)
+
+
+def test_a_benchmark_folder_is_resumed_only_by_the_same_benchmark(tmp_path):
+    quick_planted = {"setting": "planted", "budget": "quick", "prompt_file": None}
+    run_benchmark.claim_output_dir(str(tmp_path), quick_planted)
+    run_benchmark.claim_output_dir(str(tmp_path), dict(quick_planted))  # the same command resumes
+    with pytest.raises(SystemExit, match="other budget, setting"):
+        run_benchmark.claim_output_dir(str(tmp_path), dict(quick_planted, setting="smooth", budget="default"))

@@ -67,6 +67,26 @@ MIN_PROMPT_SHARE = 0.05
 PLANTED_GAIN = 1.0  # planted_teacher.py: fixed before the comparisons, from the initial-gap measurement
 
 
+BENCHMARK_FILE = "benchmark.json"  # what the folder's teacher, paired set and finished runs were made for
+
+
+def claim_output_dir(out, identity):
+    """Reuse `out` only for the same benchmark: finished runs of another setting, budget or corpus would be
+    mixed into this table silently. Writes the identity on first use."""
+    path = os.path.join(out, BENCHMARK_FILE)
+    if os.path.isfile(path):
+        previous = json.load(open(path, encoding="utf-8"))
+        changed = sorted(key for key in set(previous) | set(identity) if previous.get(key) != identity.get(key))
+        if changed:
+            raise SystemExit(f"--output_dir {out} holds a benchmark with other {', '.join(changed)} "
+                             f"({', '.join(f'{k}={previous.get(k)!r}' for k in changed)}); re-run with those "
+                             "settings to resume it, or choose another --output_dir.")
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(identity, handle, indent=2)
+
+
 def log(message):
     print(f"[benchmark {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -132,24 +152,6 @@ def check_teacher_strength(teacher_dir):
                          f"({strength and strength['prompt_share']}; need {MIN_PROMPT_SHARE}), so the methods could "
                          "not differ; build it with examples/benchmark/conditioned_teacher.py.")
     return strength
-
-
-class Teacher:
-    """The frozen parts, loaded the way the training script loads a teacher folder."""
-
-    def __init__(self, path):
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoModel, AutoTokenizer
-
-        self.path = path
-        self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-        self.text_encoder = AutoModel.from_pretrained(path, subfolder="text_encoder")
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-        for frozen in (self.text_encoder, self.vae, self.unet):
-            frozen.requires_grad_(False)
-            frozen.eval()
 
 
 def script_args(teacher_path, paired_dir, prompt_file, method, seed, budget, output_dir):
@@ -467,6 +469,11 @@ def main(argv=None):
     methods = list(dict.fromkeys([REFERENCE, *(args.methods or budget["methods"])]))
     command = "python examples/benchmark/run_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = os.path.abspath(args.output_dir)
+    claim_output_dir(out, {"setting": args.setting, "budget": "quick" if args.quick else "default",
+                           "prompt_file": os.path.abspath(args.prompt_file) if args.prompt_file else None,
+                           "unseen_category": args.unseen_category,
+                           "underrepresented_category": args.underrepresented_category,
+                           "student_config": args.student_config})
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from aria_utils.quiet import silence_known_harmless_messages
@@ -480,6 +487,7 @@ def main(argv=None):
     from aria_utils.prompts import load_prompt_corpus
     from aria_utils.regions import build_or_load_region_index
     from aria_utils.students import build_student
+    from aria_utils.teacher import load_frozen_teacher
 
     prompt_file = args.prompt_file
     if prompt_file is None:
@@ -509,7 +517,7 @@ def main(argv=None):
                                               num_regions=NUM_REGIONS, seed=0)
     purity = {name: region_purity(region_index.labels, corpus.categories, name, NUM_REGIONS) for name in (unseen, under)}
 
-    teacher = Teacher(teacher_dir)
+    teacher = load_frozen_teacher(teacher_dir)
     paired = load_paired_latents(paired_dir)
     data = {"accelerator": Accelerator(cpu=True), "paired": paired, "corpus": corpus,
             "caption_region_ids": region_index.assign_prompts(paired.captions, corpus.prompts),
@@ -521,7 +529,7 @@ def main(argv=None):
     initial_student = build_student(teacher.unet, args.student_config)
     if base_dir is not None:
         log(f"starting student: BK-SDM init distilled {budget['predistill_steps']} steps from the base teacher")
-        base = Teacher(base_dir)
+        base = load_frozen_teacher(base_dir)
         base_args = script_args(base_dir, paired_dir, paths["train"], REFERENCE, 1000, budget, out)
         initial_student, _ = train_student(initial_student, base, data, base_args, budget["predistill_steps"])
         del base
