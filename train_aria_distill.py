@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Distil a Stable Diffusion UNet into a smaller BK-SDM student with Random Conditioning and ARIA.
+"""Distil a Stable Diffusion (1.x, 2.x or XL) UNet into a smaller BK-SDM / KOALA student with Random Conditioning and ARIA.
 
     accelerate launch train_aria_distill.py \
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
@@ -43,7 +43,7 @@ from aria_utils.preemption import PreemptionFlag
 from aria_utils.prompts import PromptCorpusError, check_prompt_file, load_prompt_corpus
 from aria_utils.quiet import silence_known_harmless_messages
 from aria_utils.regions import RegionIndexError
-from aria_utils.teacher import load_frozen_teacher
+from aria_utils.teacher import PromptEncoder, default_time_ids, is_sdxl_config, load_frozen_teacher
 from aria_utils.training_step import (
     all_processes_agree,
     build_distillation_step,
@@ -72,7 +72,9 @@ def build_parser():
     parser.add_argument("--revision", default=None, help="Hub revision of the teacher.")
     parser.add_argument("--variant", default=None, help="Weight variant of the teacher, e.g. fp16.")
     parser.add_argument("--student_config", choices=students.STUDENT_VARIANTS, default="bk_small",
-                        help="BK-SDM student derived from the teacher's UNet config and initialised from its weights.")
+                        help="Student derived from the teacher's UNet config and initialised from its weights: BK-SDM "
+                             "bk_base/bk_small/bk_tiny (bk_tiny: SD-1.x/2.x only), or KOALA koala_1b/koala_700m "
+                             "(SDXL teachers).")
     parser.add_argument("--student_model_name_or_path", default=None,
                         help="Start from this UNet instead (diffusers folder / hub id, with or without a unet/ subfolder).")
     # ----- paired data -----
@@ -376,10 +378,11 @@ def read_teacher_configs(args):
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: its "
                          f"unet/ and scheduler/ configs could not be read ({type(error).__name__}: {error}).") from None
-    if unet_config.get("addition_embed_type") == "text_time":
-        raise SystemExit(f"error: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is an SDXL "
-                         "pipeline (its UNet also takes pooled text embeddings and time ids); this version distils "
-                         "SD-1.x/2.x teachers only.")
+    if not args.student_model_name_or_path:
+        try:  # a student this teacher cannot have (bk_tiny of SDXL, KOALA of SD-1.5) fails before any loading
+            students.student_config_from_teacher(unet_config, args.student_config)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in SUPPORTED_PREDICTION_TYPES:
         raise SystemExit(f"error: the teacher's scheduler predicts {prediction_type!r}; this script trains "
@@ -400,11 +403,11 @@ def uses_regions(args):
     return args.condition_sampling in ("region_uniform", "aria") or args.track_regions
 
 
-def load_quantized_teacher(teacher_path, mode, compute_dtype, load_kwargs):
-    """Teacher UNet and text encoder through bitsandbytes (GPU only; checked at start)."""
+def load_quantized_teacher(teacher_path, mode, compute_dtype, load_kwargs, is_sdxl=False):
+    """Teacher UNet and text encoder(s) through bitsandbytes (GPU only; checked at start)."""
     from diffusers import BitsAndBytesConfig as DiffusersBitsAndBytesConfig
     from diffusers import UNet2DConditionModel
-    from transformers import AutoModel
+    from transformers import AutoModel, CLIPTextModelWithProjection
     from transformers import BitsAndBytesConfig as TransformersBitsAndBytesConfig
 
     options = ({"load_in_8bit": True} if mode == "8bit" else
@@ -412,28 +415,32 @@ def load_quantized_teacher(teacher_path, mode, compute_dtype, load_kwargs):
     unet = UNet2DConditionModel.from_pretrained(teacher_path, subfolder="unet",
                                                 quantization_config=DiffusersBitsAndBytesConfig(**options),
                                                 torch_dtype=compute_dtype, **load_kwargs)
-    text_encoder = AutoModel.from_pretrained(teacher_path, subfolder="text_encoder",
-                                             quantization_config=TransformersBitsAndBytesConfig(**options),
-                                             **load_kwargs)
-    for model in (unet, text_encoder):
+    text_encoders = [AutoModel.from_pretrained(teacher_path, subfolder="text_encoder",
+                                               quantization_config=TransformersBitsAndBytesConfig(**options),
+                                               **load_kwargs)]
+    if is_sdxl:
+        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
+            teacher_path, subfolder="text_encoder_2", quantization_config=TransformersBitsAndBytesConfig(**options),
+            **load_kwargs))
+    for model in (unet, *text_encoders):
         model.requires_grad_(False)
         model.eval()
-    return unet, text_encoder
+    return unet, text_encoders
 
 
-def memory_report(teacher_unet, text_encoder, student, use_8bit_adam):
+def memory_report(teacher_unet, text_encoders, student, use_8bit_adam):
     """Parameter and optimizer-state memory, so a user sees what will not fit before it fails."""
     def size(module, trainable_only=False):
         parameters = [p for p in module.parameters() if p.requires_grad or not trainable_only]
         return sum(p.numel() for p in parameters), sum(p.numel() * p.element_size() for p in parameters)
 
     teacher_count, teacher_bytes = size(teacher_unet)
-    _, text_bytes = size(text_encoder)
+    text_bytes = sum(size(text_encoder)[1] for text_encoder in text_encoders)
     student_count, student_bytes = size(student)
     trainable_count, _ = size(student, trainable_only=True)
     optimizer_bytes = trainable_count * (2 if use_8bit_adam else 8)  # two moments, 1 or 4 bytes each
     gib = 1024 ** 3
-    return (f"Memory: teacher UNet {teacher_count / 1e6:.1f}M params {teacher_bytes / gib:.2f} GiB, text encoder "
+    return (f"Memory: teacher UNet {teacher_count / 1e6:.1f}M params {teacher_bytes / gib:.2f} GiB, text encoder(s) "
             f"{text_bytes / gib:.2f} GiB; student {student_count / 1e6:.1f}M params {student_bytes / gib:.2f} GiB, "
             f"{trainable_count / 1e6:.2f}M trainable; optimizer state {optimizer_bytes / gib:.2f} GiB "
             f"({'8-bit' if use_8bit_adam else 'fp32'} AdamW)")
@@ -513,7 +520,7 @@ def write_card(args, teacher_path, teacher_unet, student, repo_id=None):
     images = sorted(os.listdir(validation_dir), key=lambda n: int(n.split("-")[1].split(".")[0])) \
         if os.path.isdir(validation_dir) else []
     description = (f"LoRA (rank {args.lora_rank}) on a {args.student_model_name_or_path or args.student_config} student"
-                   if args.use_lora else f"BK-SDM `{args.student_config}` student"
+                   if args.use_lora else f"{students.student_family(args.student_config)} `{args.student_config}` student"
                    if not args.student_model_name_or_path else f"student UNet from `{args.student_model_name_or_path}`")
     write_model_card(
         args.output_dir, teacher_path, description, students.count_parameters(teacher_unet),
@@ -523,7 +530,7 @@ def write_card(args, teacher_path, teacher_unet, student, repo_id=None):
         license=args.hub_license or default_license(teacher_unet.config),
         datasets=[name for name in (args.dataset_name, args.prompt_dataset_name)
                   if name and not looks_like_local_path(name) and not os.path.exists(name)],
-        repo_id=repo_id)
+        repo_id=repo_id, sdxl=is_sdxl_config(teacher_unet.config))
 
 
 def peak_host_memory_bytes():
@@ -700,9 +707,9 @@ def main(args):
                     teacher_path)
         load_kwargs = dict(cache_dir=args.cache_dir)
     teacher = load_frozen_teacher(teacher_path, **load_kwargs)
-    tokenizer, noise_scheduler, text_encoder = teacher.tokenizer, teacher.noise_scheduler, teacher.text_encoder
-    vae, teacher_unet = teacher.vae, teacher.unet
-    del teacher  # the names above own the components: --teacher_quantization replaces and frees two of them
+    tokenizers, noise_scheduler, text_encoders = teacher.tokenizers, teacher.noise_scheduler, teacher.text_encoders
+    vae, teacher_unet, is_sdxl = teacher.vae, teacher.unet, teacher.is_sdxl
+    del teacher  # the names above own the components: --teacher_quantization replaces and frees some of them
 
     student = load_initial_student(args, teacher_path, teacher_unet)
     student.train()
@@ -712,10 +719,12 @@ def main(args):
     if args.teacher_quantization != "none":
         # The student was initialised from the full-precision weights above; KD only needs the
         # teacher's outputs, so it now runs quantized.
-        del teacher_unet, text_encoder
-        teacher_unet, text_encoder = load_quantized_teacher(teacher_path, args.teacher_quantization, weight_dtype,
-                                                            load_kwargs)
-    for frozen in (text_encoder, vae, teacher_unet):
+        del teacher_unet, text_encoders
+        teacher_unet, text_encoders = load_quantized_teacher(teacher_path, args.teacher_quantization, weight_dtype,
+                                                             load_kwargs, is_sdxl)
+    # Prompts -> hidden states (+ SDXL's pooled embeddings and time ids): what both UNets are conditioned on.
+    prompt_encoder = PromptEncoder(tokenizers, text_encoders)
+    for frozen in (*text_encoders, vae, teacher_unet):
         if not getattr(frozen, "is_quantized", False) and not getattr(frozen, "is_loaded_in_8bit", False):
             frozen.to(accelerator.device, dtype=weight_dtype)
     if args.use_lora:
@@ -723,7 +732,7 @@ def main(args):
 
         # Frozen base in the compute dtype, trainable adapter in fp32 (no "unscale FP16 gradients" error).
         add_lora_adapter(student, args.lora_rank, args.lora_alpha, args.lora_target_modules, base_dtype=weight_dtype)
-    logger.info(memory_report(teacher_unet, text_encoder, student, args.use_8bit_adam))
+    logger.info(memory_report(teacher_unet, text_encoders, student, args.use_8bit_adam))
     if args.enable_xformers_memory_efficient_attention:
         teacher_unet.enable_xformers_memory_efficient_attention()
         student.enable_xformers_memory_efficient_attention()
@@ -816,7 +825,7 @@ def main(args):
 
     validator = None
     if args.validation_prompts and accelerator.is_main_process:
-        validator = Validator(args.validation_prompts, teacher_unet, vae, text_encoder, tokenizer, noise_scheduler,
+        validator = Validator(args.validation_prompts, teacher_unet, vae, prompt_encoder, noise_scheduler,
                               resolution, args.seed, args.validation_inference_steps, args.validation_guidance_scale,
                               args.output_dir, accelerator.device)
 
@@ -828,7 +837,7 @@ def main(args):
         eval_regions = (region_index.assign_prompts(eval_prompts, corpus.prompts, accelerator=accelerator)
                         if region_index is not None else np.zeros(len(eval_prompts), dtype=np.int64))
         periodic_evaluation = PeriodicEvaluation(
-            teacher_unet, text_encoder, tokenizer, noise_scheduler, vae, eval_prompts, eval_regions,
+            teacher_unet, prompt_encoder, noise_scheduler, vae, eval_prompts, eval_regions,
             num_regions=region_index.num_regions if region_index is not None else 1,
             num_timesteps=args.eval_num_timesteps, seed=args.seed, device=accelerator.device, dtype=weight_dtype,
             batch_size=args.train_batch_size, output_dir=args.output_dir)
@@ -841,11 +850,13 @@ def main(args):
     logger.info("  Steps = %d (starting at %d)", max_train_steps, global_step)
 
     # ---------------------------------------------------------------- The step (data pipeline, conditions, loss)
+    # SDXL micro-conditioning of latents whose set stores none: generated at their own size, uncropped.
+    latent_image_size = paired.latent_shape[1] * 2 ** (len(vae.config.block_out_channels) - 1)
     distillation_step = build_distillation_step(
-        args, accelerator, student, teacher_unet, text_encoder, tokenizer, noise_scheduler, optimizer, lr_scheduler,
+        args, accelerator, student, teacher_unet, prompt_encoder, noise_scheduler, optimizer, lr_scheduler,
         paired, caption_region_ids, corpus.prompts if corpus is not None else None, sampler, tracker,
         max_train_steps, start_step=global_step, ema_student=ema_student, ema_parameters=ema_parameters,
-        weight_dtype=weight_dtype)
+        weight_dtype=weight_dtype, default_time_ids=default_time_ids(latent_image_size, 1)[0])
 
     preemption = PreemptionFlag()
     preemption.install()

@@ -94,13 +94,15 @@ def load_student_unet(path, teacher_path=None):
 
     A LoRA folder's base is its own `unet/` when it has one (a LoRA-trained BK student), else the teacher's.
     """
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     from aria_utils.lora import LORA_WEIGHT_NAME
+    from aria_utils.teacher import pipeline_class_of
 
     if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
         base = path if os.path.isdir(os.path.join(path, "unet")) else teacher_path
-        pipeline = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+        cls, extra = pipeline_class_of(base)
+        pipeline = cls.from_pretrained(base, **extra)
         pipeline.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME)
         pipeline.fuse_lora()
         pipeline.unload_lora_weights()
@@ -264,12 +266,11 @@ def run_evaluation(args):
     if dtype == torch.float16 and device == "cpu":
         raise EvaluationError("--mixed_precision fp16 needs a GPU; use bf16 or no on CPU.")
     teacher = load_frozen_teacher(args.teacher)
-    teacher_unet, text_encoder, vae = teacher.unet, teacher.text_encoder, teacher.vae
-    tokenizer, scheduler = teacher.tokenizer, teacher.noise_scheduler
+    teacher_unet, vae, scheduler = teacher.unet, teacher.vae, teacher.noise_scheduler
     students = {name: load_student_unet(path, args.teacher) for name, path in args.student}
     for name, unet in students.items():
         check_compatible(teacher_unet, unet, name)
-    for model in [teacher_unet, text_encoder, vae, *students.values()]:
+    for model in [teacher_unet, *teacher.text_encoders, vae, *students.values()]:
         model.to(device, dtype).eval().requires_grad_(False)
 
     region_ids = index.assign_prompts(prompts)
@@ -283,7 +284,7 @@ def run_evaluation(args):
         timesteps=tuple(default_timestep_grid(scheduler.config.num_train_timesteps, args.num_timesteps)),
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         batch_size=args.batch_size, seed=args.seed)
-    evaluator = DiscrepancyEvaluator(teacher_unet, text_encoder, tokenizer, scheduler, vae, device, dtype)
+    evaluator = DiscrepancyEvaluator(teacher_unet, teacher.prompt_encoder(), scheduler, vae, device, dtype)
     sample_indices = sample_prompt_indices(region_ids, args.num_sample_prompts_per_region)
     teacher_samples = evaluator.teacher_samples(setup, sample_indices)
 

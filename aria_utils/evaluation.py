@@ -26,7 +26,7 @@ class EvaluationError(ValueError):
 
 def check_compatible(teacher_unet, student_unet, student_name="student"):
     """Teacher and student must take the same latents and text states."""
-    for key in ("in_channels", "out_channels", "cross_attention_dim"):
+    for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type"):
         teacher_value, student_value = teacher_unet.config[key], student_unet.config[key]
         if teacher_value != student_value:
             raise EvaluationError(
@@ -64,13 +64,12 @@ class EvaluationSetup:
 class DiscrepancyEvaluator:
     """Holds the frozen teacher parts; evaluates any number of student UNets against the teacher."""
 
-    def __init__(self, teacher_unet, text_encoder, tokenizer, scheduler, vae, device, dtype=torch.float32,
+    def __init__(self, teacher_unet, prompt_encoder, scheduler, vae, device, dtype=torch.float32,
                  show_progress=True):
         from diffusers import DDIMScheduler
 
         self.teacher_unet = teacher_unet
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
+        self.prompt_encoder = prompt_encoder
         self.noise_scheduler = scheduler
         self.sampling_scheduler = DDIMScheduler.from_config(scheduler.config)
         self.vae = vae
@@ -78,18 +77,25 @@ class DiscrepancyEvaluator:
         self.dtype = dtype
         self.show_progress = show_progress
         self.latent_size = teacher_unet.config.sample_size
+        # The image size the references are generated at (SDXL's micro-conditioning names it).
+        self.resolution = self.latent_size * 2 ** (len(vae.config.block_out_channels) - 1)
 
     # ----- helpers ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts):
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids, return_dict=False)[0].to(self.dtype)
+        """(encoder hidden states, added_cond_kwargs or None) in the evaluation dtype."""
+        from aria_utils.teacher import default_time_ids
+
+        states, added = self.prompt_encoder.encode_prompts(list(prompts), self.device,
+                                                           default_time_ids(self.resolution, len(prompts)))
+        if added is not None:
+            added = {name: value.to(self.dtype) for name, value in added.items()}
+        return states.to(self.dtype), added
 
     def _pipeline(self, unet):
-        from aria_utils.validation import make_pipeline
+        from aria_utils.teacher import build_pipeline
 
-        return make_pipeline(unet, self.vae, self.text_encoder, self.tokenizer, self.sampling_scheduler)
+        return build_pipeline(unet, self.vae, self.prompt_encoder, self.sampling_scheduler)
 
     def _batches(self, count, batch_size, description):
         from tqdm.auto import tqdm
@@ -133,7 +139,7 @@ class DiscrepancyEvaluator:
         result = torch.zeros(num_prompts, len(setup.noise_seeds), len(setup.timesteps), dtype=torch.float64)
         for start in self._batches(num_prompts, setup.batch_size, "Noise-prediction discrepancy"):
             stop = min(start + setup.batch_size, num_prompts)
-            states = self.encode_prompts(setup.prompts[start:stop])
+            states, added_cond_kwargs = self.encode_prompts(setup.prompts[start:stop])
             for seed_index, noise_seed in enumerate(setup.noise_seeds):
                 x0 = setup.teacher_latents[noise_seed][start:stop].to(self.device)
                 for time_index, timestep in enumerate(setup.timesteps):
@@ -144,10 +150,10 @@ class DiscrepancyEvaluator:
                     key = (start, seed_index, time_index)
                     teacher = setup.teacher_predictions.get(key)
                     if teacher is None:
-                        teacher = self.teacher_unet(noisy, t, states).sample.float()
+                        teacher = self.teacher_unet(noisy, t, states, added_cond_kwargs=added_cond_kwargs).sample.float()
                         if setup.cache_teacher_predictions:
                             setup.teacher_predictions[key] = teacher
-                    student = student_unet(noisy, t, states).sample.float()
+                    student = student_unet(noisy, t, states, added_cond_kwargs=added_cond_kwargs).sample.float()
                     result[start:stop, seed_index, time_index] = (teacher - student).pow(2).flatten(1).mean(1).double().cpu()
         return result.numpy()
 
@@ -251,9 +257,9 @@ class PeriodicEvaluation:
     Teacher references are generated on the first call and reused. Main process only; no collectives.
     """
 
-    def __init__(self, teacher_unet, text_encoder, tokenizer, scheduler, vae, prompts, region_ids, num_regions,
+    def __init__(self, teacher_unet, prompt_encoder, scheduler, vae, prompts, region_ids, num_regions,
                  num_timesteps, seed, device, dtype, batch_size, output_dir):
-        self.evaluator = DiscrepancyEvaluator(teacher_unet, text_encoder, tokenizer, scheduler, vae, device, dtype,
+        self.evaluator = DiscrepancyEvaluator(teacher_unet, prompt_encoder, scheduler, vae, device, dtype,
                                               show_progress=False)
         self.setup = EvaluationSetup(
             prompts=list(prompts), region_ids=np.asarray(region_ids), seed=seed, batch_size=batch_size,

@@ -12,6 +12,10 @@ derived from (--seed, the prompt's corpus index), and batches never cross a shar
 same whatever the number of processes and interruptions (bit for bit on the same hardware, thread
 count and --batch_size). A re-run with other settings into the same folder is refused.
 
+An SDXL teacher (detected from its UNet config) is run with `StableDiffusionXLPipeline`, and each
+caption row also stores the sample's micro-conditioning (original size, crop, target size: the
+generated size, uncropped), which the student is then trained with.
+
 `--exclude_categories` / `--category_fraction` build RC's unseen-concept setting: whole categories
 left out of the paired set (their prompts stay in the condition corpus), or kept only at a fraction.
 """
@@ -200,18 +204,18 @@ def generate_latent_batch(pipeline, prompts, seeds, args, resolution):
 
 
 def load_teacher_pipeline(args, device):
-    from diffusers import StableDiffusionPipeline
+    from aria_utils.teacher import pipeline_class_of
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, dtype=dtype,
-        safety_checker=None, requires_safety_checker=False,
-    ).to(device)
+    cls, extra = pipeline_class_of(args.pretrained_model_name_or_path, revision=args.revision)
+    pipeline = cls.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                                   dtype=dtype, **extra).to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
-def shard_rows(corpus, indices, start, stop, seed):
+def shard_rows(corpus, indices, start, stop, seed, micro_conditioning=None):
+    """Caption rows of latents [start, stop); `micro_conditioning` (SDXL's six time ids) goes into each row."""
     rows = []
     for position in range(start, stop):
         corpus_index = int(indices[position])
@@ -219,6 +223,8 @@ def shard_rows(corpus, indices, start, stop, seed):
                "seed": sample_seed(seed, corpus_index)}
         if corpus.categories is not None:
             row["category"] = str(corpus.categories[corpus_index])
+        if micro_conditioning is not None:
+            row["micro_conditioning"] = list(micro_conditioning)
         rows.append(row)
     return rows
 
@@ -268,6 +274,9 @@ def main(argv=None):
                     len(manifest["shards"]), state.num_processes, len(remaining))
 
     pipeline = load_teacher_pipeline(args, state.device) if mine else None
+    # What SDXL's pipeline conditions on when given only height and width: original = target size, no crop.
+    micro_conditioning = ([resolution, resolution, 0, 0, resolution, resolution]
+                          if pipeline is not None and getattr(pipeline, "text_encoder_2", None) is not None else None)
     remaining_latents = sum(manifest["shards"][index]["num_latents"] for index in remaining)
     # One bar for the whole job: the main process counts its own latents times the number of processes
     # (they work at the same pace on the same kind of device), capped at the total.
@@ -276,7 +285,7 @@ def main(argv=None):
     for shard_index in mine:
         start = shard_index * args.shard_size
         stop = start + manifest["shards"][shard_index]["num_latents"]
-        rows = shard_rows(corpus, indices, start, stop, args.seed)
+        rows = shard_rows(corpus, indices, start, stop, args.seed, micro_conditioning)
         latents = []
         for batch_start in range(0, len(rows), args.batch_size):
             batch = rows[batch_start : batch_start + args.batch_size]

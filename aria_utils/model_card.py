@@ -71,9 +71,9 @@ def _region_table(region_report):
 
 def write_model_card(output_dir, teacher, student_description, teacher_parameters, student_parameters, hyperparameters,
                      command, region_report=None, evaluation=None, validation_images=(), lora=False, base_model=None,
-                     license="creativeml-openrail-m", datasets=(), repo_id=None):
+                     license="creativeml-openrail-m", datasets=(), repo_id=None, sdxl=False):
     """Write OUTPUT_DIR/README.md; returns its path. `repo_id` names the model in the usage snippet
-    (the Hub repo when pushing, else the output folder)."""
+    (the Hub repo when pushing, else the output folder); `sdxl` makes the snippet and tags SDXL's."""
     from huggingface_hub import ModelCard, ModelCardData
 
     ratio = student_parameters / teacher_parameters if teacher_parameters else float("nan")
@@ -81,12 +81,13 @@ def write_model_card(output_dir, teacher, student_description, teacher_parameter
         f"| `{key}` | `{value}` |" for key, value in sorted(hyperparameters.items())
         if isinstance(value, (int, float, str, bool)) and value is not None)
     name = repo_id or output_dir
-    usage = [f'pipe = StableDiffusionPipeline.from_pretrained("{name}")']
+    pipeline_name = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    usage = [f'pipe = {pipeline_name}.from_pretrained("{name}")']
     if lora:
         usage.append(f'pipe.load_lora_weights("{name}")')
     teacher_link = f"[`{teacher}`](https://huggingface.co/{teacher})" if base_model == teacher else f"`{teacher}`"
     metadata = ModelCardData(base_model=base_model, license=license, library_name="diffusers",
-                             pipeline_tag="text-to-image", tags=TAGS + (["lora"] if lora else []),
+                             pipeline_tag="text-to-image", tags=TAGS + (["stable-diffusion-xl"] if sdxl else []) + (["lora"] if lora else []),
                              datasets=list(datasets) or None)
     sections = [
         "---",
@@ -107,7 +108,7 @@ def write_model_card(output_dir, teacher, student_description, teacher_parameter
         "## Use",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {pipeline_name}",
         "",
         *usage,
         'image = pipe("a photo of an astronaut riding a horse").images[0]',

@@ -4,7 +4,8 @@ On disk a paired set is a folder of shards (written by `generate_teacher_data` a
 encoder below):
 
     manifest.json                 how the set was made, its shards and counts; "complete" once all exist
-    shards/shard-00000.jsonl      one caption row per latent ({"index", "caption", ...})
+    shards/shard-00000.jsonl      one caption row per latent ({"index", "caption", ...}; for SDXL also
+                                  "micro_conditioning": [original h, w, crop top, left, target h, w])
     shards/shard-00000.safetensors  "latents": (n, C, h, w) float16, already times the VAE scaling factor
 
 A shard's `.safetensors` file is written last and atomically, so its presence marks the shard as
@@ -175,9 +176,11 @@ class PairedLatents:
     DataLoader workers, which open their own maps).
     """
 
-    def __init__(self, files, captions, latent_shape, source):
+    def __init__(self, files, captions, latent_shape, source, micro_conditioning=None):
         self.files = files  # [(path, byte offset, number of latents, numpy dtype)]
         self.captions = captions
+        # SDXL time ids per latent: None (not stored), (1, 6) when every row has the same, else (n, 6) int32.
+        self.micro_conditioning = micro_conditioning
         self.latent_shape = tuple(latent_shape)
         self.source = source
         self._starts = np.concatenate([[0], np.cumsum([count for _, _, count, _ in files])]).astype(np.int64)
@@ -210,6 +213,13 @@ class PairedLatents:
             out[rows] = maps[shard][indices[rows] - self._starts[shard]]
         return torch.from_numpy(out)
 
+    def time_ids(self, indices):
+        """float32 (len(indices), 6) SDXL micro-conditioning of these latents, or None when the set has none."""
+        if self.micro_conditioning is None:
+            return None
+        rows = np.zeros(len(indices), dtype=np.int64) if len(self.micro_conditioning) == 1 else np.asarray(indices)
+        return torch.from_numpy(self.micro_conditioning[rows].astype(np.float32))
+
     def truncated(self, max_samples):
         """The first `max_samples` latents (diffusers' --max_train_samples)."""
         if max_samples is None or max_samples >= len(self):
@@ -220,17 +230,22 @@ class PairedLatents:
                 break
             files.append((path, offset, min(count, remaining), dtype))
             remaining -= count
-        return PairedLatents(files, self.captions.select(np.arange(max_samples)), self.latent_shape, self.source)
+        micro = self.micro_conditioning
+        if micro is not None and len(micro) > 1:
+            micro = micro[:max_samples]
+        return PairedLatents(files, self.captions.select(np.arange(max_samples)), self.latent_shape, self.source,
+                             micro)
 
 
 def _caption_rows(path, expected, flag, directory):
-    """Yield the captions of one caption-row file, checking there is one per latent."""
+    """Yield (caption, micro-conditioning or None) of one caption-row file, checking there is one per latent."""
     count = line_number = 0
     try:
         with open(path, encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, 1):
                 if line.strip():
-                    yield json.loads(line)["caption"]
+                    row = json.loads(line)
+                    yield row["caption"], row.get("micro_conditioning")
                     count += 1
     except FileNotFoundError:
         raise PairedDataError(f"{flag} {directory!r}: {path} is missing; regenerate the paired set.") from None
@@ -240,6 +255,37 @@ def _caption_rows(path, expected, flag, directory):
     if count != expected:
         raise PairedDataError(f"{flag} {directory!r}: {path} holds {count} captions for {expected} latents; "
                               "regenerate the paired set.")
+
+
+class _MicroConditioningRows:
+    """Collects the rows' micro-conditioning while the captions stream past; one row when all are equal."""
+
+    def __init__(self):
+        self.first, self.rows, self.missing, self.count = None, None, 0, 0
+
+    def keep(self, caption, micro):
+        if micro is None:
+            self.missing += 1
+        elif self.first is None:
+            self.first = list(micro)
+        elif self.rows is None and list(micro) != self.first:
+            self.rows = [self.first] * (self.count - self.missing)
+        if micro is not None and self.rows is not None:
+            self.rows.append(list(micro))
+        self.count += 1
+        return caption
+
+    def array(self, flag, directory):
+        if self.first is None:
+            return None
+        if self.missing:
+            raise PairedDataError(f"{flag} {directory!r}: {self.missing} of {self.count} caption rows lack the "
+                                  "micro_conditioning the others have; regenerate the paired set.")
+        array = np.asarray(self.rows if self.rows is not None else [self.first], dtype=np.int32)
+        if array.shape[1:] != (6,):
+            raise PairedDataError(f"{flag} {directory!r}: micro_conditioning rows need 6 numbers (original size, "
+                                  "crop top-left, target size); regenerate the paired set.")
+        return array
 
 
 def check_paired_set_is_finished(path, flag="--train_data_dir"):
@@ -280,9 +326,10 @@ def load_paired_latents(path, max_samples=None, flag="--train_data_dir"):
         offset, shape, dtype = tensor_location(latents_path, "latents")
         latent_shape = shape[1:]
         files, caption_files = [(latents_path, offset, shape[0], dtype)], [(os.path.join(path, METADATA_FILE), shape[0])]
-    captions = TextTable.from_strings(caption for file, count in caption_files
-                                      for caption in _caption_rows(file, count, flag, path))
-    paired = PairedLatents(files, captions, latent_shape, path)
+    micro_rows = _MicroConditioningRows()
+    captions = TextTable.from_strings(micro_rows.keep(caption, micro) for file, count in caption_files
+                                      for caption, micro in _caption_rows(file, count, flag, path))
+    paired = PairedLatents(files, captions, latent_shape, path, micro_rows.array(flag, path))
     if len(paired) == 0:
         raise PairedDataError(f"{flag} {path!r} holds no latents.")
     return paired.truncated(max_samples)
@@ -329,17 +376,23 @@ def load_image_caption_dataset(dataset_name=None, dataset_config_name=None, trai
 
 
 def _image_to_tensor(image, resolution):
-    """Resize the short side to `resolution`, centre-crop, scale to [-1, 1] (PIL + numpy, no torchvision)."""
+    """Resize the short side to `resolution`, centre-crop, scale to [-1, 1] (PIL + numpy, no torchvision).
+
+    Also returns the SDXL micro-conditioning of the result: [original height, width, crop top, crop
+    left (in the resized image, as diffusers' SDXL training script records it), target height, width].
+    """
     from PIL import Image
 
     image = image.convert("RGB")
+    original_height, original_width = image.height, image.width
     scale = resolution / min(image.size)
     image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
                          Image.BICUBIC)
     left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)
+    micro_conditioning = torch.tensor([original_height, original_width, top, left, resolution, resolution])
+    return torch.from_numpy(array).permute(2, 0, 1), micro_conditioning
 
 
 def _caption_text(caption):
@@ -364,7 +417,8 @@ class _ImageCaptionRows(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         row = self.dataset[index]
-        return _image_to_tensor(row[self.image_column], self.resolution), _caption_text(row[self.caption_column])
+        pixels, micro_conditioning = _image_to_tensor(row[self.image_column], self.resolution)
+        return pixels, micro_conditioning, _caption_text(row[self.caption_column])
 
 
 IMAGE_SHARD_SIZE = 4096
@@ -393,14 +447,15 @@ def encode_image_dataset(dataset, vae, image_column, caption_column, resolution,
                                          batch_size=batch_size, shuffle=False, num_workers=num_workers)
     generator = torch.Generator().manual_seed(seed)  # the posterior sample is drawn once, reproducibly
     latent_shape = None
-    pending_latents, pending_captions, shard_index, written = [], [], 0, 0
+    pending_latents, pending_captions, pending_micro, shard_index, written = [], [], [], 0, 0
     manifest = None
-    for pixels, batch_captions in tqdm(loader, desc="Encoding images", disable=not show_progress):
+    for pixels, batch_micro, batch_captions in tqdm(loader, desc="Encoding images", disable=not show_progress):
         posterior = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
         noise = torch.randn(posterior.mean.shape, generator=generator).to(device=device, dtype=posterior.mean.dtype)
         encoded = (posterior.mean + posterior.std * noise) * vae.config.scaling_factor
         pending_latents.append(encoded.float().cpu())
         pending_captions.extend(batch_captions)
+        pending_micro.extend(batch_micro.tolist())
         if manifest is None:
             latent_shape = encoded.shape[1:]
             manifest = new_manifest(len(dataset), IMAGE_SHARD_SIZE, latent_shape,
@@ -411,9 +466,11 @@ def encode_image_dataset(dataset, vae, image_column, caption_column, resolution,
                                                              == len(dataset)):
             latents = torch.cat(pending_latents)
             count = min(IMAGE_SHARD_SIZE, len(pending_captions))
-            rows = [{"index": written + i, "caption": caption} for i, caption in enumerate(pending_captions[:count])]
+            rows = [{"index": written + i, "caption": caption, "micro_conditioning": micro}
+                    for i, (caption, micro) in enumerate(zip(pending_captions[:count], pending_micro[:count]))]
             write_shard(partial, shard_index, latents[:count], rows)
             pending_latents, pending_captions = [latents[count:]], pending_captions[count:]
+            pending_micro = pending_micro[count:]
             shard_index, written = shard_index + 1, written + count
     manifest["complete"] = True
     write_manifest(partial, manifest)

@@ -2,8 +2,9 @@
 
 1. `PairedMicroBatches` (a map-style Dataset run by DataLoader workers, ahead of the GPU): which
    paired latents (a seeded per-epoch permutation, sharded across processes), their float32 values
-   read from the memory-mapped shards, the noise, the timesteps, and the two uniforms per sample that
-   decide caption replacement and text drop. None of it depends on the model or the tracker.
+   read from the memory-mapped shards, their SDXL micro-conditioning, the noise, the timesteps, and
+   the two uniforms per sample that decide caption replacement and text drop. None of it depends on
+   the model or the tracker.
 2. `ConditionAssembler` (in the training loop, once the tracker holds step s-1): ARIA's region
    distribution for step s is only known then, so the regions and prompts of the replaced samples
    are drawn here (O(batch), microseconds), and all prompts are tokenised.
@@ -34,7 +35,7 @@ class PairedMicroBatches(torch.utils.data.Dataset):
     """Item `micro_index`: the tracker-independent half of that micro-batch of this process."""
 
     def __init__(self, paired, batch_size, gradient_accumulation_steps, process_index, num_processes, seed,
-                 num_train_timesteps, caption_region_ids, num_micro_batches):
+                 num_train_timesteps, caption_region_ids, num_micro_batches, default_time_ids=None):
         self.paired = paired
         self.batch_size = batch_size
         self.accumulation = gradient_accumulation_steps
@@ -43,6 +44,9 @@ class PairedMicroBatches(torch.utils.data.Dataset):
         self.num_train_timesteps = num_train_timesteps
         self.caption_region_ids = np.asarray(caption_region_ids, dtype=np.int64)
         self.num_micro_batches = num_micro_batches
+        # Micro-conditioning of latents whose set stores none (generated images: original = target size).
+        self.default_time_ids = torch.as_tensor(default_time_ids if default_time_ids is not None else [0] * 6,
+                                                dtype=torch.float32)
 
     def __len__(self):
         return self.num_micro_batches
@@ -56,7 +60,11 @@ class PairedMicroBatches(torch.utils.data.Dataset):
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, self.num_train_timesteps, (len(indices),), generator=generator)
         replace_draw, drop_draw = condition_draws(len(indices), generator)
+        time_ids = self.paired.time_ids(indices)
+        if time_ids is None:
+            time_ids = self.default_time_ids.expand(len(indices), 6).clone()
         return {"micro_index": int(micro_index), "latents": latents, "noise": noise, "timesteps": timesteps,
+                "time_ids": time_ids,
                 "replace_draw": replace_draw, "drop_draw": drop_draw,
                 "captions": self.paired.captions.take(indices),
                 "caption_region_ids": torch.from_numpy(self.caption_region_ids[indices])}
@@ -76,15 +84,17 @@ class MicroBatch:
     noise: torch.Tensor
     timesteps: torch.Tensor
     conditions: ConditionBatch  # prompts, paired flags, region ids, importance weights (CPU)
-    input_ids: torch.Tensor  # tokenised prompts, on the device
+    input_ids: tuple  # the tokenised prompts, one tensor per tokenizer of the teacher, on the device
+    time_ids: torch.Tensor  # (batch, 6) SDXL micro-conditioning (unused by SD-1.x/2.x teachers), on the device
 
 
 class ConditionAssembler:
     """The training-loop half: random conditions from the current region distribution, then token ids."""
 
-    def __init__(self, mode, sampler, corpus_prompts, tokenizer, seed, process_index, num_train_timesteps,
+    def __init__(self, mode, sampler, corpus_prompts, prompt_encoder, seed, process_index, num_train_timesteps,
                  schedule="exp", strength=5.0, text_drop_prob=0.1, importance_weighting=False):
-        self.mode, self.sampler, self.corpus_prompts, self.tokenizer = mode, sampler, corpus_prompts, tokenizer
+        self.mode, self.sampler, self.corpus_prompts = mode, sampler, corpus_prompts
+        self.prompt_encoder = prompt_encoder
         self.seed, self.process_index, self.num_train_timesteps = seed, process_index, num_train_timesteps
         self.schedule, self.strength, self.text_drop_prob = schedule, strength, text_drop_prob
         self.importance_weighting = importance_weighting and mode != "paired"
@@ -96,13 +106,13 @@ class ConditionAssembler:
             self.mode, self.sampler, self.corpus_prompts, generator, region_probabilities=region_probabilities,
             schedule=self.schedule, strength=self.strength, text_drop_prob=self.text_drop_prob,
             importance_weighting=self.importance_weighting, draws=(prepared["replace_draw"], prepared["drop_draw"]))
-        input_ids = self.tokenizer(conditions.prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                   truncation=True, return_tensors="pt").input_ids
+        input_ids = self.prompt_encoder.tokenize(conditions.prompts)
         non_blocking = device.type == "cuda"  # the loader pinned these tensors
         return MicroBatch(
             latents=prepared["latents"].to(device, non_blocking=non_blocking),
             noise=prepared["noise"].to(device, non_blocking=non_blocking),
             timesteps=prepared["timesteps"].to(device, non_blocking=non_blocking),
             conditions=conditions,
-            input_ids=input_ids.to(device),
+            input_ids=tuple(ids.to(device) for ids in input_ids),
+            time_ids=prepared["time_ids"].to(device, non_blocking=non_blocking),
         )

@@ -4,13 +4,31 @@
 - bk_small: bk_base without the mid block.
 - bk_tiny:  bk_small without the innermost stage (the plain DownBlock2D and its UpBlock2D partner).
 
-Works for any SD-1.x/2.x-style config: only the block layout changes, every other field (attention
-heads, linear projection, cross-attention width, sample size) is kept from the teacher.
+KOALA students (Lee et al. 2023) for SDXL teachers:
+
+- koala_1b:   one resnet(+attention) fewer in every stage, as bk_base, and the innermost stage's
+              transformers (and the mid block's) cut to 6/10 of their depth (SDXL-base: 10 -> 6).
+- koala_700m: the same with depth 5/10 (10 -> 5) and no mid block.
+
+From SDXL-base's UNet (2,567M parameters) these give KOALA's 1,161M and 783M.
+
+Works for any SD-1.x/2.x- or SDXL-style config: only the block layout changes, every other field
+(attention heads, linear projection, cross-attention width, added conditions, sample size) is kept
+from the teacher.
+
+Initialisation (`student_to_teacher_key_map`): down stages copy the teacher's first layers, up
+stages its outer layers (student layer j <- teacher layer j, the student's last <- the teacher's
+last), and a shortened transformer keeps blocks spread evenly over the teacher's depth, first and
+last included (SDXL 10 -> 6: blocks 0, 2, 4, 5, 7, 9; 10 -> 5: 0, 2, 5, 7, 9), so the student's
+transformer still starts where the teacher's starts and ends where it ends.
 """
 
 import re
 
-STUDENT_VARIANTS = ("bk_base", "bk_small", "bk_tiny")
+BK_VARIANTS = ("bk_base", "bk_small", "bk_tiny")
+# variant -> (fraction of the innermost stage's transformer depth kept, mid block kept)
+KOALA_VARIANTS = {"koala_1b": (0.6, True), "koala_700m": (0.5, False)}
+STUDENT_VARIANTS = BK_VARIANTS + tuple(KOALA_VARIANTS)
 
 # Config fields holding one value per down stage (outermost first).
 _PER_STAGE_FIELDS = (
@@ -37,6 +55,8 @@ def student_config_from_teacher(teacher_config, variant):
     config["layers_per_block"] = [1] * num_stages if isinstance(layers, (list, tuple)) else 1
     if variant in ("bk_small", "bk_tiny"):
         config["mid_block_type"] = None
+    if variant in KOALA_VARIANTS:
+        _apply_koala(config, variant)
     if variant == "bk_tiny":
         if config["down_block_types"][-1] != "DownBlock2D" or config["up_block_types"][0] != "UpBlock2D":
             raise ValueError(
@@ -55,8 +75,45 @@ def student_config_from_teacher(teacher_config, variant):
     return config
 
 
+def student_family(variant):
+    """The paper a student variant comes from, for the model card: BK-SDM or KOALA."""
+    return "KOALA" if variant in KOALA_VARIANTS else "BK-SDM"
+
+
+def _apply_koala(config, variant):
+    if config.get("addition_embed_type") != "text_time":
+        raise ValueError(f"--student_config {variant} is a KOALA student of an SDXL teacher, but this teacher's UNet "
+                         "is SD-1.x/2.x (no pooled text embeddings / time ids); use bk_base, bk_small or bk_tiny.")
+    if config.get("reverse_transformer_layers_per_block") is not None:
+        raise ValueError(f"--student_config {variant}: this teacher sets reverse_transformer_layers_per_block (an "
+                         "already-pruned SDXL such as SSD-1B); KOALA is defined for SDXL-base's layout. Use bk_base.")
+    fraction, keep_mid = KOALA_VARIANTS[variant]
+    num_stages = len(config["down_block_types"])
+    depths = config.get("transformer_layers_per_block", 1)
+    depths = list(depths) if isinstance(depths, (list, tuple)) else [depths] * num_stages
+    # The mid block has the innermost stage's depth (diffusers reads it from the last entry).
+    depths[-1] = max(1, int(depths[-1] * fraction + 0.5))
+    config["transformer_layers_per_block"] = depths
+    if not keep_mid:
+        config["mid_block_type"] = None
+
+
+def kept_transformer_blocks(num_student, num_teacher):
+    """Teacher transformer blocks a shortened student transformer starts from: evenly spread, ends included."""
+    if num_student >= num_teacher:
+        return list(range(num_student))
+    if num_student == 1:
+        return [0]
+    return [int(i * (num_teacher - 1) / (num_student - 1) + 0.5) for i in range(num_student)]
+
+
 _BLOCK_LAYER = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)$")
 _UP_BLOCK = re.compile(r"^up_blocks\.(\d+)\.(.*)$")
+_TRANSFORMER_BLOCK = re.compile(r"^(.*\.attentions\.\d+)\.transformer_blocks\.(\d+)\.(.*)$")
+
+
+def _count_transformer_blocks(model, attention_path):
+    return len(model.get_submodule(attention_path).transformer_blocks)
 
 
 def student_to_teacher_key_map(student, teacher):
@@ -87,6 +144,15 @@ def student_to_teacher_key_map(student, teacher):
             mapping[key] = f"up_blocks.{int(match.group(1)) + up_offset}.{match.group(2)}"
             continue
         mapping[key] = key
+    for key, teacher_key in mapping.items():
+        match = _TRANSFORMER_BLOCK.match(teacher_key)
+        if match:
+            attention, block, rest = match.groups()
+            num_student = _count_transformer_blocks(student, _TRANSFORMER_BLOCK.match(key).group(1))
+            num_teacher = _count_transformer_blocks(teacher, attention)
+            if num_student != num_teacher:
+                block = kept_transformer_blocks(num_student, num_teacher)[int(block)]
+                mapping[key] = f"{attention}.transformer_blocks.{block}.{rest}"
     return mapping
 
 

@@ -1,4 +1,4 @@
-"""A tiny Stable Diffusion pipeline with the SD-1.x topology, built locally and offline.
+"""A tiny Stable Diffusion pipeline with the SD-1.x (or SDXL) topology, built locally and offline.
 
 Nothing can be downloaded here, yet every code path must be the one a hub checkpoint takes. This
 module writes a real `StableDiffusionPipeline` folder (UNet with CrossAttnDownBlock2D x3 +
@@ -7,6 +7,12 @@ from SD-1.5 is its size. The tokenizer uses the real CLIP BPE vocabulary shipped
 `open-clip-torch` package, so prompts tokenize to the standard CLIP ids.
 
     python -m aria_utils.tiny_teacher --output_dir tiny-teacher --seed 0
+    python -m aria_utils.tiny_teacher --sdxl --output_dir tiny-sdxl-teacher
+
+With `--sdxl` it writes a `StableDiffusionXLPipeline` folder instead: SDXL-base's UNet layout (a plain
+outer stage, two cross-attention stages with transformer depths 1 / 2 / 10, pooled text embeddings and
+time ids added to the time embedding), two CLIP text encoders (the second with a projection), the
+SDXL VAE scaling factor and an Euler scheduler, as the hub checkpoint has them.
 """
 
 import argparse
@@ -85,7 +91,7 @@ def build_clip_tokenizer():
 def build_tiny_pipeline(seed=0, prediction_type="epsilon", sample_size=16):
     """Build the tiny SD-topology pipeline in memory. Same seed, same weights."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = build_clip_tokenizer()
     torch.manual_seed(seed)
@@ -114,19 +120,7 @@ def build_tiny_pipeline(seed=0, prediction_type="epsilon", sample_size=16):
         sample_size=sample_size * 2,
     )
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_clip_config())
     scheduler = DDPMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -148,21 +142,86 @@ def build_tiny_pipeline(seed=0, prediction_type="epsilon", sample_size=16):
     )
 
 
-def save_tiny_teacher(output_dir, seed=0, prediction_type="epsilon"):
-    pipeline = build_tiny_pipeline(seed=seed, prediction_type=prediction_type)
+def _tiny_clip_config(**overrides):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**dict(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=CLIP_MAX_LENGTH, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ), **overrides)
+
+
+# SDXL micro-conditioning: 6 numbers, each embedded with this many sinusoidal channels (SDXL-base: 256).
+TINY_SDXL_TIME_EMBED_DIM = 8
+TINY_SDXL_PROJECTION_DIM = 32
+
+
+def build_tiny_sdxl_pipeline(seed=0, prediction_type="epsilon", sample_size=16):
+    """The tiny SDXL-topology pipeline in memory. Same seed, same weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_clip_tokenizer()
+    # SDXL's second tokenizer pads with "!" (id 0) instead of the end-of-text token.
+    tokenizer_2 = build_clip_tokenizer()
+    tokenizer_2.pad_token = "!"
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        # SDXL-base's layout, scaled down in width only.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 32, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(2, 4, 8),
+        norm_num_groups=16,
+        use_linear_projection=True,
+        cross_attention_dim=64,  # the two encoders' hidden states, concatenated (32 + 32)
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TINY_SDXL_TIME_EMBED_DIM + TINY_SDXL_PROJECTION_DIM,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), latent_channels=4, norm_num_groups=16,
+        sample_size=sample_size * 2, scaling_factor=0.13025,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_tiny_clip_config())
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(projection_dim=TINY_SDXL_PROJECTION_DIM))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def save_tiny_teacher(output_dir, seed=0, prediction_type="epsilon", sdxl=False):
+    build = build_tiny_sdxl_pipeline if sdxl else build_tiny_pipeline
+    pipeline = build(seed=seed, prediction_type=prediction_type)
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     apply_umask_tree(output_dir)
     return output_dir
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Write a tiny SD-1.x-topology teacher pipeline folder.")
+    parser = argparse.ArgumentParser(description="Write a tiny SD-1.x- (or SDXL-) topology teacher pipeline folder.")
     parser.add_argument("--output_dir", required=True, help="Folder to write the pipeline to.")
     parser.add_argument("--seed", type=int, default=0, help="Weights are a deterministic function of it.")
     parser.add_argument(
         "--prediction_type", choices=["epsilon", "v_prediction", "sample"], default="epsilon",
         help="Scheduler prediction type (v_prediction mimics SD-2.x 768 checkpoints, sample x0-prediction ones).",
     )
+    parser.add_argument("--sdxl", action="store_true", help="Write an SDXL-topology pipeline (two text encoders).")
     return parser.parse_args(argv)
 
 
@@ -171,7 +230,7 @@ def main(argv=None):
 
     silence_known_harmless_messages()
     args = parse_args(argv)
-    save_tiny_teacher(args.output_dir, seed=args.seed, prediction_type=args.prediction_type)
+    save_tiny_teacher(args.output_dir, seed=args.seed, prediction_type=args.prediction_type, sdxl=args.sdxl)
     print(f"Tiny teacher pipeline written to {args.output_dir}")
 
 

@@ -41,12 +41,12 @@ class StepResult:
 class DistillationStep:
     """Callable once per optimisation step; holds references to everything a step touches."""
 
-    def __init__(self, accelerator, student, teacher_unet, text_encoder, noise_scheduler, optimizer, lr_scheduler,
+    def __init__(self, accelerator, student, teacher_unet, prompt_encoder, noise_scheduler, optimizer, lr_scheduler,
                  loss_fn, student_features, teacher_features, assemble_micro_batch, micro_batches, sampler,
                  condition_sampling, tracker=None, ema_student=None, ema_parameters=None,
                  gradient_accumulation_steps=1, max_grad_norm=1.0, weight_dtype=torch.float32):
         self.accelerator = accelerator
-        self.student, self.teacher_unet, self.text_encoder = student, teacher_unet, text_encoder
+        self.student, self.teacher_unet, self.prompt_encoder = student, teacher_unet, prompt_encoder
         self.noise_scheduler = noise_scheduler
         self.prediction_type = noise_scheduler.config.prediction_type
         self.optimizer, self.lr_scheduler, self.loss_fn = optimizer, lr_scheduler, loss_fn
@@ -82,10 +82,13 @@ class DistillationStep:
                                      batch.timesteps)
             with accelerator.accumulate(self.student):
                 with torch.no_grad():
-                    encoder_hidden_states = self.text_encoder(batch.input_ids, return_dict=False)[0]
+                    # added_cond_kwargs: SDXL's pooled text embeddings and time ids (None for SD-1.x/2.x).
+                    encoder_hidden_states, added_cond_kwargs = self.prompt_encoder.encode(batch.input_ids,
+                                                                                          batch.time_ids)
                     teacher_pred = self.teacher_unet(noisy_latents.to(self.weight_dtype), batch.timesteps,
-                                                     encoder_hidden_states).sample
-                student_pred = self.student(noisy_latents, batch.timesteps, encoder_hidden_states).sample
+                                                     encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
+                student_pred = self.student(noisy_latents, batch.timesteps, encoder_hidden_states,
+                                            added_cond_kwargs=added_cond_kwargs).sample
                 losses = self.loss_fn(student_pred, teacher_pred, target, self.student_features.features(),
                                       self.teacher_features.features(),
                                       batch.conditions.is_paired.to(accelerator.device),
@@ -133,14 +136,15 @@ class DistillationStep:
         self.teacher_features.remove()
 
 
-def build_distillation_step(args, accelerator, student, teacher_unet, text_encoder, tokenizer, noise_scheduler,
+def build_distillation_step(args, accelerator, student, teacher_unet, prompt_encoder, noise_scheduler,
                             optimizer, lr_scheduler, paired, caption_region_ids, corpus_prompts, sampler, tracker,
                             max_train_steps, start_step=0, ema_student=None, ema_parameters=None,
-                            weight_dtype=torch.float32):
+                            weight_dtype=torch.float32, default_time_ids=None):
     """The step the training script's flags describe, with its data pipeline positioned at `start_step`.
 
     `student`, `optimizer` and `lr_scheduler` are the prepared ones. The feature hooks sit on the
-    unwrapped modules; call `step.close()` to remove them.
+    unwrapped modules; call `step.close()` to remove them. `default_time_ids` are the SDXL
+    micro-conditioning of latents whose paired set stores none.
     """
     from aria_utils.step_batches import ConditionAssembler, PairedMicroBatches, micro_batch_loader
     from aria_utils.students import feature_layer_pairs
@@ -152,16 +156,16 @@ def build_distillation_step(args, accelerator, student, teacher_unet, text_encod
     accumulation = args.gradient_accumulation_steps
     micro_batches = PairedMicroBatches(
         paired, args.train_batch_size, accumulation, accelerator.process_index, accelerator.num_processes, args.seed,
-        num_train_timesteps, caption_region_ids, max_train_steps * accumulation)
+        num_train_timesteps, caption_region_ids, max_train_steps * accumulation, default_time_ids=default_time_ids)
     micro_batch_iterator = iter(micro_batch_loader(
         micro_batches, start_step * accumulation, num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda"))
     assemble_micro_batch = ConditionAssembler(
-        args.condition_sampling, sampler, corpus_prompts, tokenizer, args.seed, accelerator.process_index,
+        args.condition_sampling, sampler, corpus_prompts, prompt_encoder, args.seed, accelerator.process_index,
         num_train_timesteps, schedule=args.random_conditioning_schedule, strength=args.random_conditioning_lambda,
         text_drop_prob=args.text_drop_prob, importance_weighting=args.aria_importance_weighting)
     return DistillationStep(
-        accelerator, student, teacher_unet, text_encoder, noise_scheduler, optimizer, lr_scheduler,
+        accelerator, student, teacher_unet, prompt_encoder, noise_scheduler, optimizer, lr_scheduler,
         DistillationLoss(args.lambda_sd, args.lambda_kd_output, args.lambda_kd_feat), student_features,
         teacher_features, assemble_micro_batch, micro_batch_iterator, sampler, args.condition_sampling,
         tracker=tracker, ema_student=ema_student, ema_parameters=ema_parameters,

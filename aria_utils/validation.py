@@ -9,17 +9,6 @@ import numpy as np
 import torch
 
 
-def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 @torch.no_grad()
 def generate_images(pipeline, prompts, seed, num_inference_steps, guidance_scale, resolution, device):
     images = []
@@ -67,14 +56,14 @@ def labelled_grid(rows, row_labels, column_labels, min_size=256):
 class Validator:
     """Generates and logs teacher-vs-student images every --validation_steps."""
 
-    def __init__(self, prompts, teacher_unet, vae, text_encoder, tokenizer, scheduler, resolution, seed,
+    def __init__(self, prompts, teacher_unet, vae, prompt_encoder, scheduler, resolution, seed,
                  num_inference_steps, guidance_scale, output_dir, device):
         from diffusers import DDIMScheduler
 
         self.prompts = list(prompts)
         # DDIM with few steps: the training scheduler (DDPM) needs ~1000 steps to give images.
         self.scheduler = DDIMScheduler.from_config(scheduler.config)
-        self.components = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.vae, self.prompt_encoder = vae, prompt_encoder
         self.teacher_unet = teacher_unet
         self.resolution = resolution
         self.seed = seed
@@ -85,7 +74,9 @@ class Validator:
         self._teacher_images = None
 
     def _generate(self, unet):
-        pipeline = make_pipeline(unet, scheduler=self.scheduler, **self.components)
+        from aria_utils.teacher import build_pipeline
+
+        pipeline = build_pipeline(unet, self.vae, self.prompt_encoder, self.scheduler)
         return generate_images(pipeline, self.prompts, self.seed, self.num_inference_steps, self.guidance_scale,
                                self.resolution, self.device)
 

@@ -175,9 +175,8 @@ class Evaluation:
     def __init__(self, teacher, prompts, categories, region_ids, budget, seed=0):
         from aria_utils.evaluation import DiscrepancyEvaluator, EvaluationSetup, default_timestep_grid
 
-        self.evaluator = DiscrepancyEvaluator(teacher.unet, teacher.text_encoder, teacher.tokenizer,
-                                              teacher.noise_scheduler, teacher.vae, torch.device("cpu"),
-                                              show_progress=False)
+        self.evaluator = DiscrepancyEvaluator(teacher.unet, teacher.prompt_encoder(), teacher.noise_scheduler,
+                                              teacher.vae, torch.device("cpu"), show_progress=False)
         self.setup = EvaluationSetup(
             prompts=list(prompts), region_ids=np.asarray(region_ids), categories=list(categories),
             noise_seeds=tuple(budget["noise_seeds"]), seed=seed, batch_size=32, cache_teacher_predictions=True,
@@ -214,7 +213,7 @@ def train_student(initial_student, teacher, data, args, steps, evaluate=None, ev
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     tracker = RegionTracker.from_args(args, data["sampler"], teacher.noise_scheduler.config.num_train_timesteps)
     step = build_distillation_step(
-        args, accelerator, student, teacher.unet, teacher.text_encoder, teacher.tokenizer, teacher.noise_scheduler,
+        args, accelerator, student, teacher.unet, teacher.prompt_encoder(), teacher.noise_scheduler,
         optimizer, lr_scheduler, data["paired"], data["caption_region_ids"], data["corpus"].prompts,
         data["sampler"], tracker, steps)
     curve, step_times, tracker_times = [], [], []
