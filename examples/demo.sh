@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded default, offline, on CPU:
 # tiny teacher -> demo corpus -> teacher latents (RC's paired set) -> ARIA distillation -> student pipeline.
-# Usage: bash examples/demo.sh [OUT_DIR] [extra train_aria_distill.py flags...]
+# Usage: bash examples/demo.sh [--sdxl] [OUT_DIR] [extra train_aria_distill.py flags...]
+#   --sdxl: a tiny SDXL-topology teacher (two text encoders, pooled embeddings, time ids) and a KOALA
+#           koala_700m student instead of SD-1.x and bk_small; default OUT_DIR demo_output_sdxl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SDXL=0
+if [ "${1:-}" = "--sdxl" ]; then SDXL=1; shift; fi
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 PY=.venv/bin/python
-OUT="${1:-demo_output}"
+if [ "$SDXL" = 1 ]; then
+  OUT="${1:-demo_output_sdxl}"; TEACHER_FLAGS=(--sdxl); STUDENT=koala_700m; PIPELINE=StableDiffusionXLPipeline
+else
+  OUT="${1:-demo_output}"; TEACHER_FLAGS=(); STUDENT=bk_small; PIPELINE=StableDiffusionPipeline
+fi
 shift || true
 mkdir -p "$OUT"
 
-[ -d "$OUT/tiny-teacher" ] || $PY -m aria_utils.tiny_teacher --output_dir "$OUT/tiny-teacher" --seed 0
+[ -d "$OUT/tiny-teacher" ] || $PY -m aria_utils.tiny_teacher "${TEACHER_FLAGS[@]+"${TEACHER_FLAGS[@]}"}" \
+  --output_dir "$OUT/tiny-teacher" --seed 0
 [ -f "$OUT/data/prompts.csv" ] || $PY -m aria_utils.demo_corpus --output_dir "$OUT/data"
 # Resumable: a finished set is kept as is, an interrupted one is completed.
 $PY -m aria_utils.generate_teacher_data \
@@ -24,7 +33,7 @@ $PY -m aria_utils.generate_teacher_data \
 .venv/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
   --dynamo_backend no --num_cpu_threads_per_process 2 train_aria_distill.py \
   --pretrained_model_name_or_path "$OUT/tiny-teacher" \
-  --student_config bk_small \
+  --student_config "$STUDENT" \
   --train_data_dir "$OUT/teacher-data" \
   --prompt_file "$OUT/data/prompts.csv" \
   --condition_sampling aria --num_regions 8 --aria_warmup_steps 20 \
@@ -34,14 +43,15 @@ $PY -m aria_utils.generate_teacher_data \
   --validation_steps 100 --validation_inference_steps 10 \
   --resume_from_checkpoint latest --output_dir "$OUT/student" "$@"
 
-$PY - "$OUT/student" <<'PYEOF'
+$PY - "$OUT/student" "$PIPELINE" <<'PYEOF'
 import sys
 import torch
 from aria_utils.quiet import silence_known_harmless_messages
 silence_known_harmless_messages()
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])
+import diffusers
+folder, pipeline_name = sys.argv[1], sys.argv[2]
+pipe = getattr(diffusers, pipeline_name).from_pretrained(folder)
 image = pipe("a violin on a stage", num_inference_steps=4, generator=torch.manual_seed(0)).images[0]
-image.save(f"{sys.argv[1]}/demo_sample.png")
-print(f"Student pipeline at {sys.argv[1]} loads and generates: {sys.argv[1]}/demo_sample.png")
+image.save(f"{folder}/demo_sample.png")
+print(f"{pipeline_name} student at {folder} loads and generates: {folder}/demo_sample.png")
 PYEOF

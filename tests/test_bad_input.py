@@ -53,7 +53,11 @@ def inputs(assets, tmp_path_factory):
     made["sdxl_teacher"] = root / "sdxl-teacher"
     shutil.copytree(assets["teacher"], made["sdxl_teacher"])
     unet_config = made["sdxl_teacher"] / "unet" / "config.json"
-    unet_config.write_text(json.dumps(dict(json.loads(unet_config.read_text()), addition_embed_type="text_time")))
+    # Only the config is read before the refusal: SDXL's layout (no plain innermost stage) is enough.
+    unet_config.write_text(json.dumps(dict(
+        json.loads(unet_config.read_text()), addition_embed_type="text_time",
+        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 3,
+        up_block_types=["CrossAttnUpBlock2D"] * 3 + ["UpBlock2D"])))
 
     # A paired set whose second shard lost its end (a copy cut short).
     made["truncated_shard"] = root / "truncated-shard"
@@ -160,8 +164,11 @@ CASES = [
      ["--train_batch_size 1000", "48 paired latents"]),
     ("teacher with an unsupported prediction type", "main", [], {"pretrained_model_name_or_path": "{flow_teacher}"},
      ["predicts 'flow_prediction'", "epsilon, v_prediction, sample"]),
-    ("SDXL teacher", "main", [], {"pretrained_model_name_or_path": "{sdxl_teacher}"},
-     ["is an SDXL pipeline", "SD-1.x/2.x teachers only"]),
+    ("bk_tiny of an SDXL teacher", "main", ["--student_config", "bk_tiny"],
+     {"pretrained_model_name_or_path": "{sdxl_teacher}"},
+     ["--student_config bk_tiny removes the innermost plain stage", "use bk_base or bk_small"]),
+    ("KOALA student of an SD-1.x teacher", "main", ["--student_config", "koala_700m"], {},
+     ["--student_config koala_700m is a KOALA student of an SDXL teacher", "use bk_base"]),
     ("truncated shard", "main", [], {"train_data_dir": "{truncated_shard}"},
      ["shard-00001.safetensors is truncated", "regenerate"]),
 ]

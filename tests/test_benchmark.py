@@ -59,11 +59,11 @@ def planted(corpus):
 
 
 def test_planted_layers_are_the_ones_every_bk_student_drops(planted):
-    from aria_utils.students import STUDENT_VARIANTS, build_student
+    from aria_utils.students import BK_VARIANTS, build_student
 
     teacher_unet, base_unet = planted["teacher"].unet, planted["base"].unet
     assert planted["record"]["layers"], "nothing was planted"
-    for variant in STUDENT_VARIANTS:
+    for variant in BK_VARIANTS:
         # BK-SDM's init copies the kept layers only: the planted concept never reaches the student.
         from_planted = build_student(teacher_unet, variant).state_dict()
         from_base = build_student(base_unet, variant).state_dict()

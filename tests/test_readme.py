@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT, run
 
 README = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
@@ -23,12 +25,15 @@ def test_ci_runs_the_readme_test_command():
     assert command in open(os.path.join(REPO_ROOT, ".ci", "run")).read()
 
 
-def test_demo_command_runs_end_to_end(tmp_path):
-    """README command 1, shortened: every stage runs offline and the student pipeline loads and generates."""
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_demo_command_runs_end_to_end(tmp_path, family):
+    """README command 1, shortened (and its --sdxl form): every stage runs offline and the student pipeline
+    loads and generates."""
     output = tmp_path / "demo"
-    result = run(["bash", os.path.join(REPO_ROOT, "examples", "demo.sh"), str(output), "--max_train_steps", "6",
-                  "--validation_steps", "3", "--checkpointing_steps", "3"])
-    assert "loads and generates" in result.stdout
+    result = run(["bash", os.path.join(REPO_ROOT, "examples", "demo.sh"), *(["--sdxl"] if family == "sdxl" else []),
+                  str(output), "--max_train_steps", "6", "--validation_steps", "3", "--checkpointing_steps", "3"])
+    pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+    assert f"{pipeline} student at {output / 'student'} loads and generates" in result.stdout
     assert (output / "student" / "aria_regions.json").is_file()
     assert (output / "student" / "demo_sample.png").is_file()
     assert (output / "student" / "validation" / "step-6.png").is_file()

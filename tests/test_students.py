@@ -5,7 +5,7 @@ from diffusers import UNet2DConditionModel
 
 from aria_utils.losses import FeatureRecorder
 from aria_utils.students import (
-    STUDENT_VARIANTS,
+    BK_VARIANTS,
     build_student,
     count_parameters,
     feature_layer_pairs,
@@ -37,7 +37,7 @@ def test_sd14_config_is_the_real_teacher():
     assert count_parameters(empty_unet(SD14_UNET_CONFIG)) == 859_520_964  # SD-1.4's well-known U-Net size
 
 
-@pytest.mark.parametrize("variant", STUDENT_VARIANTS)
+@pytest.mark.parametrize("variant", BK_VARIANTS)
 def test_student_sizes_match_bk_sdm(variant):
     student = empty_unet(student_config_from_teacher(SD14_UNET_CONFIG, variant))
     # Published numbers are rounded to 0.01B; the architectures give 0.579B / 0.482B / 0.323B.
@@ -55,7 +55,7 @@ def test_student_layouts():
     assert tiny["block_out_channels"] == [320, 640, 1280]
 
 
-@pytest.mark.parametrize("variant", STUDENT_VARIANTS)
+@pytest.mark.parametrize("variant", BK_VARIANTS)
 def test_sd21_students_build_and_map(variant):
     teacher = empty_unet(SD21_UNET_CONFIG)
     config = student_config_from_teacher(SD21_UNET_CONFIG, variant)
@@ -89,7 +89,7 @@ def test_weight_copy_follows_bk_sdm_mapping(assets):
     assert set(student_to_teacher_key_map(student, teacher).values()) <= set(teacher_state)
 
 
-@pytest.mark.parametrize("variant", STUDENT_VARIANTS)
+@pytest.mark.parametrize("variant", BK_VARIANTS)
 def test_feature_pairs_have_matching_shapes(assets, variant):
     teacher = UNet2DConditionModel.from_pretrained(assets["teacher"], subfolder="unet")
     student = build_student(teacher, variant)
