@@ -378,6 +378,11 @@ def read_teacher_configs(args):
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: its "
                          f"unet/ and scheduler/ configs could not be read ({type(error).__name__}: {error}).") from None
+    if is_sdxl_config(unet_config):
+        problem = pretrained_source_problem(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
+                                            ["text_encoder_2/", "tokenizer_2/"], args.revision)
+        if problem:  # e.g. an SDXL refiner: one text encoder, the second one's conditioning
+            raise SystemExit(f"error: an SDXL teacher needs both text encoders; {problem}")
     if not args.student_model_name_or_path:
         try:  # a student this teacher cannot have (bk_tiny of SDXL, KOALA of SD-1.5) fails before any loading
             students.student_config_from_teacher(unet_config, args.student_config)

@@ -58,6 +58,11 @@ def inputs(assets, tmp_path_factory):
         json.loads(unet_config.read_text()), addition_embed_type="text_time",
         down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 3,
         up_block_types=["CrossAttnUpBlock2D"] * 3 + ["UpBlock2D"])))
+    # The same with only one text encoder, as an SDXL refiner has.
+    made["sdxl_one_encoder"] = root / "sdxl-one-encoder"
+    shutil.copytree(made["sdxl_teacher"], made["sdxl_one_encoder"])
+    for component in ("text_encoder", "tokenizer"):
+        shutil.copytree(made["sdxl_teacher"] / component, made["sdxl_teacher"] / f"{component}_2")
 
     # A paired set whose second shard lost its end (a copy cut short).
     made["truncated_shard"] = root / "truncated-shard"
@@ -167,6 +172,8 @@ CASES = [
     ("bk_tiny of an SDXL teacher", "main", ["--student_config", "bk_tiny"],
      {"pretrained_model_name_or_path": "{sdxl_teacher}"},
      ["--student_config bk_tiny removes the innermost plain stage", "use bk_base or bk_small"]),
+    ("SDXL teacher without its second text encoder", "main", ["--student_config", "bk_small"],
+     {"pretrained_model_name_or_path": "{sdxl_one_encoder}"}, ["needs both text encoders", "lacks text_encoder_2/"]),
     ("KOALA student of an SD-1.x teacher", "main", ["--student_config", "koala_700m"], {},
      ["--student_config koala_700m is a KOALA student of an SDXL teacher", "use bk_base"]),
     ("truncated shard", "main", [], {"train_data_dir": "{truncated_shard}"},
