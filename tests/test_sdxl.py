@@ -209,7 +209,7 @@ def sdxl_runs(sdxl_assets, tmp_path_factory):
     lora = root / "lora"
     run(sdxl_command(sdxl_assets, lora, "--use_lora", "--lora_rank", "4", sampling="random", steps=2))
     return {"interrupted": interrupted, "uninterrupted": uninterrupted, "resumed_log": resumed.stderr, "rc": rc,
-            "lora": lora}
+            "lora": lora, "regions": root / "regions"}
 
 
 def test_sdxl_aria_resume_is_bit_identical(sdxl_runs):
@@ -256,6 +256,19 @@ def test_sdxl_validation_and_evaluation_ran(sdxl_runs):
     assert (sdxl_runs["rc"] / "validation" / "step-2.png").is_file()
     history = [json.loads(line) for line in open(sdxl_runs["rc"] / "eval" / "history.jsonl")]
     assert [record["step"] for record in history] == [2] and history[0]["mean"] > 0
+
+
+def test_sdxl_region_aware_evaluation_cli(sdxl_runs, sdxl_assets, tmp_path):
+    from aria_utils.evaluate import parse_args, run_evaluation
+
+    report = run_evaluation(parse_args([
+        "--teacher", sdxl_assets["teacher"], "--student", f"koala={sdxl_runs['interrupted']}",
+        "--student", f"teacher={sdxl_assets['teacher']}", "--prompt_file", sdxl_assets["prompts"],
+        "--max_prompts", "8", "--region_cache_dir", str(sdxl_runs["regions"]), "--num_timesteps", "2",
+        "--num_inference_steps", "2", "--num_sample_prompts_per_region", "1", "--output_dir", str(tmp_path / "eval")]))
+    # The teacher against itself is exactly zero; the trained KOALA student is not.
+    assert report["students"]["teacher"]["discrepancy"]["mean"] == 0.0
+    assert report["students"]["koala"]["discrepancy"]["mean"] > 0.0
 
 
 def test_sdxl_lora_output_loads_with_load_lora_weights(sdxl_runs):
