@@ -17,6 +17,7 @@ only the requested batch to float32, so RAM per process does not grow with the n
 the processes of one machine share the page cache. Captions are held packed (`TextTable`).
 """
 
+import array
 import hashlib
 import json
 import logging
@@ -258,7 +259,8 @@ def _caption_rows(path, expected, flag, directory):
 
 
 class _MicroConditioningRows:
-    """Collects the rows' micro-conditioning while the captions stream past; one row when all are equal."""
+    """Collects the rows' micro-conditioning while the captions stream past: packed 32-bit integers (not a
+    Python list per row, which would cost ~100 bytes each at millions of rows), one row when all are equal."""
 
     def __init__(self):
         self.first, self.rows, self.missing, self.count = None, None, 0, 0
@@ -269,23 +271,24 @@ class _MicroConditioningRows:
         elif self.first is None:
             self.first = list(micro)
         elif self.rows is None and list(micro) != self.first:
-            self.rows = [self.first] * (self.count - self.missing)
+            self.rows = array.array("i", self.first * (self.count - self.missing))
         if micro is not None and self.rows is not None:
-            self.rows.append(list(micro))
+            self.rows.extend(int(value) for value in micro)
         self.count += 1
         return caption
 
-    def array(self, flag, directory):
+    def as_array(self, flag, directory):
         if self.first is None:
             return None
         if self.missing:
             raise PairedDataError(f"{flag} {directory!r}: {self.missing} of {self.count} caption rows lack the "
                                   "micro_conditioning the others have; regenerate the paired set.")
-        array = np.asarray(self.rows if self.rows is not None else [self.first], dtype=np.int32)
-        if array.shape[1:] != (6,):
+        if len(self.first) != 6 or (self.rows is not None and len(self.rows) != 6 * self.count):
             raise PairedDataError(f"{flag} {directory!r}: micro_conditioning rows need 6 numbers (original size, "
                                   "crop top-left, target size); regenerate the paired set.")
-        return array
+        if self.rows is None:
+            return np.asarray([self.first], dtype=np.int32)
+        return np.frombuffer(self.rows, dtype=np.int32).reshape(-1, 6)
 
 
 def check_paired_set_is_finished(path, flag="--train_data_dir"):
@@ -329,7 +332,7 @@ def load_paired_latents(path, max_samples=None, flag="--train_data_dir"):
     micro_rows = _MicroConditioningRows()
     captions = TextTable.from_strings(micro_rows.keep(caption, micro) for file, count in caption_files
                                       for caption, micro in _caption_rows(file, count, flag, path))
-    paired = PairedLatents(files, captions, latent_shape, path, micro_rows.array(flag, path))
+    paired = PairedLatents(files, captions, latent_shape, path, micro_rows.as_array(flag, path))
     if len(paired) == 0:
         raise PairedDataError(f"{flag} {path!r} holds no latents.")
     return paired.truncated(max_samples)
