@@ -43,7 +43,13 @@ from aria_utils.preemption import PreemptionFlag
 from aria_utils.prompts import PromptCorpusError, check_prompt_file, load_prompt_corpus
 from aria_utils.quiet import silence_known_harmless_messages
 from aria_utils.regions import RegionIndexError
-from aria_utils.teacher import PromptEncoder, default_time_ids, is_sdxl_config, load_frozen_teacher
+from aria_utils.teacher import (
+    PromptEncoder,
+    default_time_ids,
+    is_sdxl_config,
+    load_frozen_teacher,
+    vae_scale_factor,
+)
 from aria_utils.training_step import (
     all_processes_agree,
     build_distillation_step,
@@ -757,7 +763,7 @@ def main(args):
     checkpointing.StudentCheckpointHooks(accelerator, UNet2DConditionModel, ema_student).register()
 
     # ---------------------------------------------------------------- Paired latents
-    resolution = args.resolution or teacher_unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1))
+    resolution = args.resolution or teacher_unet.config.sample_size * vae_scale_factor(vae.config)
     if image_dataset is not None:
         with accelerator.main_process_first():
             paired = encode_image_dataset(image_dataset, vae, args.image_column, args.caption_column, resolution,
@@ -856,7 +862,7 @@ def main(args):
 
     # ---------------------------------------------------------------- The step (data pipeline, conditions, loss)
     # SDXL micro-conditioning of latents whose set stores none: generated at their own size, uncropped.
-    latent_image_size = paired.latent_shape[1] * 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_image_size = paired.latent_shape[1] * vae_scale_factor(vae.config)
     distillation_step = build_distillation_step(
         args, accelerator, student, teacher_unet, prompt_encoder, noise_scheduler, optimizer, lr_scheduler,
         paired, caption_region_ids, corpus.prompts if corpus is not None else None, sampler, tracker,

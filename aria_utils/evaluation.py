@@ -78,7 +78,9 @@ class DiscrepancyEvaluator:
         self.show_progress = show_progress
         self.latent_size = teacher_unet.config.sample_size
         # The image size the references are generated at (SDXL's micro-conditioning names it).
-        self.resolution = self.latent_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        from aria_utils.teacher import vae_scale_factor
+
+        self.resolution = self.latent_size * vae_scale_factor(vae.config)
 
     # ----- helpers ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -128,6 +128,8 @@ def latent_geometry(args):
     """(latent shape, image resolution) from the teacher's configs alone: no weights are loaded."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from aria_utils.teacher import vae_scale_factor
+
     problem = pretrained_source_problem(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
                                         ["unet/config.json", "vae/config.json"], args.revision)
     if problem:
@@ -139,7 +141,7 @@ def latent_geometry(args):
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: its unet/ "
                          f"and vae/ configs could not be read ({type(error).__name__}: {error}).") from None
-    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    scale = vae_scale_factor(vae_config)
     resolution = args.resolution or unet_config["sample_size"] * scale
     if resolution % scale:
         raise SystemExit(f"--resolution {resolution} must be a multiple of the VAE's downsampling factor {scale}.")

@@ -85,7 +85,7 @@ class MicroBatch:
     timesteps: torch.Tensor
     conditions: ConditionBatch  # prompts, paired flags, region ids, importance weights (CPU)
     input_ids: tuple  # the tokenised prompts, one tensor per tokenizer of the teacher, on the device
-    time_ids: torch.Tensor  # (batch, 6) SDXL micro-conditioning (unused by SD-1.x/2.x teachers), on the device
+    time_ids: torch.Tensor  # (batch, 6) SDXL micro-conditioning on the device; None for SD-1.x/2.x teachers
 
 
 class ConditionAssembler:
@@ -114,5 +114,6 @@ class ConditionAssembler:
             timesteps=prepared["timesteps"].to(device, non_blocking=non_blocking),
             conditions=conditions,
             input_ids=tuple(ids.to(device) for ids in input_ids),
-            time_ids=prepared["time_ids"].to(device, non_blocking=non_blocking),
+            time_ids=(prepared["time_ids"].to(device, non_blocking=non_blocking) if self.prompt_encoder.is_sdxl
+                      else None),
         )

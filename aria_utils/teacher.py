@@ -19,6 +19,11 @@ def is_sdxl_config(unet_config):
     return dict(unet_config).get("addition_embed_type") == SDXL_ADDITION_EMBED_TYPE
 
 
+def vae_scale_factor(vae_config):
+    """Image pixels per latent pixel: the VAE halves the resolution at every stage but the last."""
+    return 2 ** (len(dict(vae_config)["block_out_channels"]) - 1)
+
+
 def default_time_ids(resolution, batch_size):
     """SDXL micro-conditioning of a generated square image: original size = target size, no crop.
 

@@ -171,9 +171,10 @@ def measure_generation(teacher, prompt_file, output_dir, num_prompts, repeats=2)
 
     from aria_utils import generate_teacher_data as generation
     from aria_utils.prompts import load_prompt_corpus
+    from aria_utils.teacher import vae_scale_factor
 
     # The resolution whose latents are 64x64 (the tiny VAE downsamples by 2, SD's by 8).
-    vae_scale = 2 ** (len(AutoencoderKL.load_config(teacher, subfolder="vae")["block_out_channels"]) - 1)
+    vae_scale = vae_scale_factor(AutoencoderKL.load_config(teacher, subfolder="vae"))
     argv = ["--pretrained_model_name_or_path", teacher, "--prompt_file", prompt_file, "--num_prompts",
             str(num_prompts), "--num_inference_steps", "2", "--batch_size", "8", "--shard_size", "8",
             "--resolution", str(LATENT_SHAPE[1] * vae_scale)]
