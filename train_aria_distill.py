@@ -26,8 +26,9 @@ import time
 import numpy as np
 import torch
 
-from aria_utils import checkpointing, conditioning, single_file, students
-from aria_utils.files import apply_umask_tree
+from aria_utils import checkpointing, conditioning, run_folder, single_file, students
+from aria_utils.cli import argument_parser, run_cli, writable_folder_problem
+from aria_utils.files import write_json_atomically
 from aria_utils.hub import PIPELINE_SUBFOLDERS, pretrained_source_problem
 from aria_utils.lora import trainable_parameters
 from aria_utils.paired_data import (
@@ -39,10 +40,9 @@ from aria_utils.paired_data import (
     load_image_caption_dataset,
     load_paired_latents,
 )
-from aria_utils.preemption import PreemptionFlag
+from aria_utils.preemption import Preempted, PreemptionFlag, grace_period_warning, keep_console_when_pipe_breaks
 from aria_utils.prompts import PromptCorpusError, check_prompt_file, load_prompt_corpus
 from aria_utils.quiet import silence_known_harmless_messages
-from aria_utils.regions import RegionIndexError
 from aria_utils.teacher import (
     PromptEncoder,
     default_time_ids,
@@ -54,6 +54,7 @@ from aria_utils.training_step import (
     all_processes_agree,
     build_distillation_step,
     build_optimizer,
+    optimizer_learning_rate,
 )
 
 logger = logging.getLogger("train_aria_distill")
@@ -63,7 +64,7 @@ SECRET_ARGS = ("hub_token",)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__.split("\n\n")[0], secret_flags=[f"--{name}" for name in SECRET_ARGS])
     # ----- teacher and student -----
     parser.add_argument("--pretrained_model_name_or_path", required=True,
                         help="Teacher Stable Diffusion pipeline: hub id (org/name), local diffusers folder, or a "
@@ -117,7 +118,9 @@ def build_parser():
     parser.add_argument("--region_embedding_model", default="sentence-transformers/all-MiniLM-L6-v2",
                         help="Sentence-transformer for the regions: hub id or local path.")
     parser.add_argument("--region_embedding_batch_size", type=int, default=128)
-    parser.add_argument("--region_cache_dir", default=None, help="Region index cache; default: OUTPUT_DIR/regions.")
+    parser.add_argument("--region_cache_dir", default=None,
+                        help="Region index cache; default: OUTPUT_DIR/regions. Runs may share one: the index of another "
+                             "corpus, model, K or seed goes into a subfolder, none is rebuilt in place.")
     parser.add_argument("--region_seed", type=int, default=0,
                         help="k-means seed. Separate from --seed so runs with different seeds share one region index.")
     parser.add_argument("--track_regions", action="store_true",
@@ -201,11 +204,14 @@ def build_parser():
                         help="A non-finite loss skips the update (counted and logged) or stops with a checkpoint.")
     # ----- logging, checkpoints, validation -----
     parser.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
-    parser.add_argument("--logging_dir", default="logs", help="TensorBoard dir, relative to --output_dir.")
+    parser.add_argument("--logging_dir", default="logs",
+                        help="TensorBoard dir, relative to --output_dir (or absolute; --overwrite_output_dir never "
+                             "deletes a logging dir outside --output_dir).")
     parser.add_argument("--tracker_project_name", default="aria-distill")
     parser.add_argument("--checkpointing_steps", type=int, default=500)
     parser.add_argument("--checkpoints_total_limit", type=int, default=None)
-    parser.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint-<step> folder or "latest".')
+    parser.add_argument("--resume_from_checkpoint", default=None,
+                        help='A checkpoint-<step> folder (a bare name is looked up in --output_dir) or "latest".')
     parser.add_argument("--validation_prompts", nargs="*", default=None)
     parser.add_argument("--validation_steps", type=int, default=500,
                         help="Validation images and region heat map every this many steps.")
@@ -285,6 +291,13 @@ def combination_problem(args):
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         return ("--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would resume from; "
                 "pass one of them.")
+    if args.condition_sampling == "aria" and args.aria_uniform_mix == 1.0:
+        return ("--aria_uniform_mix 1 puts all the weight on the base distribution, so the tracker never changes "
+                "where prompts come from: that is --condition_sampling random (with --aria_base corpus) or "
+                "region_uniform (with --aria_base uniform). Use one of those, or eps < 1.")
+    if args.condition_sampling in ("aria", "region_uniform") and args.num_regions == 1:
+        return (f"--num_regions 1 with --condition_sampling {args.condition_sampling}: with one region every prompt "
+                "is drawn uniformly, which is --condition_sampling random. Use K >= 2, or random.")
     if args.hub_token is not None and args.report_to in ("wandb", "all"):
         return ("--hub_token with --report_to wandb would expose the token: wandb records the command line. Log in "
                 "with `hf auth login` instead of passing --hub_token.")
@@ -346,14 +359,26 @@ def data_problem(args):
 
 
 def output_dir_problem(args):
-    """OUTPUT_DIR must be a folder, and a fresh run must not replace another run's work."""
+    """OUTPUT_DIR must be a writable folder that is not one of the inputs, and a fresh run must not replace
+    another run's work nor a folder this project did not write."""
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         return f"--output_dir {args.output_dir!r} is a file; pass a folder (it is created if needed)."
+    problem = run_folder.same_folder_problem(args.output_dir, {
+        "--pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "--student_model_name_or_path": args.student_model_name_or_path, "--train_data_dir": args.train_data_dir})
+    problem = problem or writable_folder_problem(args.output_dir, "--output_dir")
+    if problem:
+        return problem
+    foreign = run_folder.foreign_pipeline_content(args.output_dir)
+    if foreign:
+        return (f"--output_dir {args.output_dir!r} holds a diffusers pipeline that this project did not write "
+                f"({', '.join(foreign)}; a teacher?). It is never deleted, not even with --overwrite_output_dir: "
+                "choose another --output_dir.")
     try:
         resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, warn=False)
     except FileNotFoundError as error:
         return str(error)
-    previous = checkpointing.previous_run_outputs(args.output_dir)
+    previous = run_folder.previous_run_outputs(args.output_dir)
     if resume_path is None and previous and not args.overwrite_output_dir:
         shown = ", ".join(previous[:5]) + (", ..." if len(previous) > 5 else "")
         damaged = " (none of its checkpoints is intact)" if args.resume_from_checkpoint == "latest" else ""
@@ -399,6 +424,20 @@ def read_teacher_configs(args):
         raise SystemExit(f"error: the teacher's scheduler predicts {prediction_type!r}; this script trains "
                          f"{', '.join(SUPPORTED_PREDICTION_TYPES)} teachers.")
     return unet_config
+
+
+def refuse_changed_flags(resumed_state, args, run_facts, resume_path):
+    """Before anything is loaded: a flag or fact the checkpoint's state depends on must not have changed."""
+    mismatches = checkpointing.resume_mismatches(resumed_state, args, run_facts)
+    if mismatches:
+        raise SystemExit(f"error: {resume_path} was written by another configuration ({'; '.join(mismatches)}). "
+                         "Resume with the checkpoint's values (README: Resuming, which flags may change), or start a "
+                         "new run in another --output_dir.")
+
+
+def paired_set_identity(paired):
+    """What a resumed run must train on again: the same latents' captions in the same order."""
+    return {"num_latents": len(paired), "captions_sha256": paired.captions.digest()}
 
 
 def check_batch_fits(args, num_paired, num_processes):
@@ -517,7 +556,7 @@ def load_initial_student(args, teacher_path, teacher_unet=None, load_kwargs=None
     return students.build_student(teacher_unet, args.student_config)
 
 
-def write_card(args, teacher_path, teacher_unet, student, repo_id=None):
+def write_card(args, teacher_path, teacher_unet, student, repo_id=None, resume_history=()):
     from aria_utils.hub import looks_like_local_path
     from aria_utils.model_card import (
         default_license,
@@ -541,7 +580,7 @@ def write_card(args, teacher_path, teacher_unet, student, repo_id=None):
         license=args.hub_license or default_license(teacher_unet.config),
         datasets=[name for name in (args.dataset_name, args.prompt_dataset_name)
                   if name and not looks_like_local_path(name) and not os.path.exists(name)],
-        repo_id=repo_id, sdxl=is_sdxl_config(teacher_unet.config))
+        repo_id=repo_id, sdxl=is_sdxl_config(teacher_unet.config), resume_history=resume_history)
 
 
 def peak_host_memory_bytes():
@@ -616,6 +655,7 @@ def main(args):
     if args.teacher_quantization != "none" and accelerator.device.type != "cuda":
         raise SystemExit(f"--teacher_quantization {args.teacher_quantization} needs a CUDA GPU: diffusers only "
                          "quantizes with bitsandbytes on a GPU. Use --teacher_quantization none on this machine.")
+
     if args.push_to_hub:
         from aria_utils.hub import HubError, check_hub_access
 
@@ -623,6 +663,24 @@ def main(args):
             check_hub_access(args.hub_token)  # before minutes of loading and hours of training
         except HubError as error:
             raise SystemExit(f"error: {error}")
+
+    # ---------------------------------------------------------------- The output folder: one run at a time
+    output_claim = run_folder.claim_output_dir(accelerator, args.output_dir, args.overwrite_output_dir, args.logging_dir)
+    # The launcher may hold our stderr pipe; if it goes, the output continues in a file instead of killing us.
+    keep_console_when_pipe_breaks(os.path.join(args.output_dir, run_folder.BROKEN_PIPE_LOG))
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    if output_claim.removed:
+        logger.warning("--overwrite_output_dir: deleted %s from %s.", ", ".join(output_claim.removed), args.output_dir)
+    # "latest" is the newest intact checkpoint (damaged newer ones are skipped with a warning).
+    resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    resumed_state = checkpointing.read_training_state(resume_path) if resume_path is not None else None
+    # What the run is, beyond its flags; a resume must match it (training_state.json records it).
+    run_facts = {"num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
+    if resumed_state is not None:
+        refuse_changed_flags(resumed_state, args, run_facts, resume_path)
+
     checkpoint_pusher = hub_repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
         from huggingface_hub import HfApi
@@ -635,27 +693,9 @@ def main(args):
                                           private=args.hub_private, exist_ok=True).repo_id
         if args.hub_push_checkpoints:
             checkpoint_pusher = CheckpointPusher(hub_api, hub_repo_id, token=args.hub_token)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if not accelerator.is_local_main_process:
-        logging.getLogger().setLevel(logging.WARNING)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        if args.overwrite_output_dir:
-            removed = checkpointing.remove_previous_run(args.output_dir, args.logging_dir)
-            if removed:
-                logger.warning("--overwrite_output_dir: deleted %s from %s.", ", ".join(removed), args.output_dir)
-        os.makedirs(args.output_dir, exist_ok=True)
-    accelerator.wait_for_everyone()
-    # "latest" is the newest intact checkpoint (damaged newer ones are skipped with a warning).
-    resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    resumed_state = checkpointing.read_training_state(resume_path) if resume_path is not None else None
-    if resumed_state is not None:
-        mismatches = checkpointing.resume_mismatches(resumed_state.get("args", {}), args)
-        if mismatches:
-            raise SystemExit(f"error: {resume_path} was written by another configuration ({'; '.join(mismatches)}). "
-                             "Resume with the checkpoint's flags, or start a new run in another --output_dir.")
 
     # ---------------------------------------------------------------- Teacher configs (no weights yet), then data
     teacher_unet_config = read_teacher_configs(args)
@@ -663,14 +703,16 @@ def main(args):
     if args.prompt_file is not None or args.prompt_dataset_name is not None:
         corpus = load_prompt_corpus(args.prompt_file, args.prompt_dataset_name, args.prompt_column)
         logger.info("Condition corpus: %s", corpus.summary())
+        run_facts["corpus_sha256"] = corpus.prompts.digest()
         if uses_regions(args) and args.num_regions > len(corpus):
             raise SystemExit(f"--num_regions {args.num_regions} exceeds the {len(corpus)} distinct prompts of the "
                              "corpus; lower --num_regions.")
     image_dataset = None
     if is_teacher_latent_dir(args.train_data_dir):
-        # Memory-mapped: opening reads the manifest and captions, never the latents themselves.
+        # Opening reads the manifest and captions, never the latents themselves.
         paired = load_paired_latents(args.train_data_dir, max_samples=args.max_train_samples)
         check_batch_fits(args, len(paired), accelerator.num_processes)
+        run_facts["paired_set"] = paired_set_identity(paired)
         if teacher_unet_config is not None and paired.latent_shape[0] != teacher_unet_config["in_channels"]:
             raise SystemExit(f"error: --train_data_dir {args.train_data_dir!r} holds {paired.latent_shape[0]}-channel "
                              f"latents, the teacher UNet takes {teacher_unet_config['in_channels']}: it was made with "
@@ -679,6 +721,9 @@ def main(args):
         image_dataset = load_image_caption_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir,
                                                    args.image_column, args.caption_column, args.cache_dir,
                                                    args.max_train_samples)
+
+    if resumed_state is not None:
+        refuse_changed_flags(resumed_state, args, run_facts, resume_path)  # the corpus and the paired set
 
     # ---------------------------------------------------------------- Regions of the condition corpus
     region_index = None
@@ -772,6 +817,9 @@ def main(args):
                                           show_progress=accelerator.is_local_main_process,
                                           num_workers=args.dataloader_num_workers, seed=args.seed)
         check_batch_fits(args, len(paired), accelerator.num_processes)
+        run_facts["paired_set"] = paired_set_identity(paired)
+        if resumed_state is not None:
+            refuse_changed_flags(resumed_state, args, run_facts, resume_path)
     if paired.latent_shape[0] != teacher_unet.config.in_channels:
         raise SystemExit(f"The paired latents have {paired.latent_shape[0]} channels, the teacher UNet expects "
                          f"{teacher_unet.config.in_channels}: --train_data_dir was made with another model.")
@@ -810,17 +858,26 @@ def main(args):
     # ---------------------------------------------------------------- Resume
     global_step = 0
     nonfinite_skipped = 0
+    resume_history = []  # [{"step", "changed": {flag: [before, after]}}]: flags changed on resume, honoured since
     if resume_path is not None:
         logger.info("Resuming from %s", resume_path)
-        try:
-            state = checkpointing.load_checkpoint(accelerator, resume_path)
-        except checkpointing.CheckpointError as error:
-            raise SystemExit(f"error: {error}")
+        state = checkpointing.load_checkpoint(accelerator, resume_path)
         global_step = state["global_step"]
         nonfinite_skipped = state.get("nonfinite_skipped", 0)
         if tracker is not None:
             tracker.load_state_dict(state["tracker"])
         region_history = [tuple(entry) for entry in state.get("region_history", [])]
+        # The restored optimizer, schedule and EMA carry the checkpoint's hyperparameters: this run's flags win.
+        checkpointing.apply_resumed_flags(
+            optimizer, lr_scheduler, ema_student, optimizer_learning_rate(args, total_batch_size),
+            (args.adam_beta1, args.adam_beta2), args.adam_weight_decay, args.adam_epsilon, args.ema_decay)
+        resume_history = state.get("resume_history", [])
+        changed = checkpointing.honoured_changes(state.get("args", {}), args)
+        if changed:
+            logger.warning("Resuming with changed flags, honoured from step %d on: %s.", global_step,
+                           ", ".join(f"--{name} {before!r} -> {after!r}" for name, (before, after) in changed.items()))
+            resume_history = resume_history + [{"step": global_step, "changed": {
+                name: [before, after] for name, (before, after) in changed.items()}}]
     elif args.resume_from_checkpoint == "latest":
         logger.info("No checkpoint in %s yet: starting a new run.", args.output_dir)
 
@@ -831,6 +888,8 @@ def main(args):
             "tracker": tracker.state_dict() if tracker is not None else None,
             "region_history": region_history,
             "args": public_args(args),
+            "run": run_facts,
+            "resume_history": resume_history,
             "region_fingerprint": region_index.fingerprint if region_index is not None else None,
         }
 
@@ -889,81 +948,110 @@ def main(args):
                 ema_student.restore(ema_parameters(model))
 
     def validate_and_plot(step):
-        """Main process only, and free of collectives: the other processes do not wait here."""
+        """Main process only, and free of collectives: the other processes do not wait here. A preemption
+        stops the images at their next denoising step (the checkpoint comes first)."""
         if validator is not None:
-            with ema_weights_applied():
-                validator.run(accelerator.unwrap_model(student), step, accelerator.trackers)
+            logger.info("Validation at step %d: %d prompts, teacher and student.", step, len(args.validation_prompts))
+            try:
+                with ema_weights_applied():
+                    validator.run(accelerator.unwrap_model(student), step, accelerator.trackers)
+            except Preempted:
+                logger.warning("Validation at step %d stopped by the preemption request.", step)
         if tracker is not None and region_history and accelerator.is_main_process:
             image = region_heatmap(region_history, os.path.join(args.output_dir, "aria_regions.png"))
             log_image(accelerator.trackers, "aria/region_discrepancy_heatmap", image, step)
 
-    step_times, tracker_times = [], []
-    first_step_finished_at = None  # wall clock, for start-up measurements (examples/benchmark/scale.py)
-    while global_step < max_train_steps:
-        step_start = time.perf_counter()
-        result = distillation_step(global_step)
-        tracker_time, logs, step_is_finite = result.tracker_time, result.logs, result.is_finite
-        if args.debug_process_states:
-            drawn_conditions.update("\x1f".join(result.prompts).encode("utf-8"))
-        if not step_is_finite:
-            nonfinite_skipped += 1
-            logger.warning("Non-finite loss at step %d: update skipped (%d so far).", global_step, nonfinite_skipped)
-            if args.on_nonfinite == "stop" and uses_deepspeed:
-                # DeepSpeed has already applied this step's update: the last good state is the last checkpoint.
-                raise SystemExit(f"Stopped on a non-finite loss at step {global_step} (--on_nonfinite stop); resume "
-                                 "from the last checkpoint written before it.")
-            if args.on_nonfinite == "stop":
-                checkpointing.save_checkpoint(accelerator, args.output_dir, global_step, training_state(),
+    def save_checkpoint(step):
+        """checkpoint-<step>, timed: a step plus a checkpoint must fit in the launcher's grace period."""
+        nonlocal grace_period_checked
+        started = time.perf_counter()
+        saved = checkpointing.save_checkpoint(accelerator, args.output_dir, step, training_state(),
                                               args.checkpoints_total_limit)
-                raise SystemExit(f"Stopped on a non-finite loss at step {global_step} (--on_nonfinite stop); "
-                                 f"the last good state is in checkpoint-{global_step}.")
-        global_step += 1
-        progress_bar.update(1)
+        if not grace_period_checked and step_times:
+            grace_period_checked = True
+            warning = grace_period_warning(float(np.median(step_times)), time.perf_counter() - started)
+            if warning:
+                logger.warning(warning)
+        return saved
 
-        is_validation_step = global_step % args.validation_steps == 0
-        if tracker is not None and (global_step % region_history_stride == 0 or is_validation_step
-                                    or global_step == max_train_steps):
-            tick = time.perf_counter()
-            estimates, probabilities = tracker.estimates(), tracker.probabilities()
-            region_history.append((global_step, estimates.tolist(), probabilities.tolist()))
-            tracker_time += time.perf_counter() - tick
-        step_time = time.perf_counter() - step_start
-        step_times.append(step_time)
-        if first_step_finished_at is None:
-            first_step_finished_at = time.time()
-        tracker_times.append(tracker_time)
-        logs.update({"lr": lr_scheduler.get_last_lr()[0], "step_time": step_time, "tracker_time": tracker_time,
-                     "samples_per_second": total_batch_size / step_time, "nonfinite_skipped": nonfinite_skipped})
-        progress_bar.set_postfix(loss=f"{logs['loss']:.4f}")
-        accelerator.log(logs, step=global_step)
+    step_times, tracker_times = [], []
+    grace_period_checked = False
+    first_step_finished_at = None  # wall clock, for start-up measurements (examples/benchmark/scale.py)
+    try:
+        while global_step < max_train_steps:
+            step_start = time.perf_counter()
+            try:
+                result = distillation_step(global_step)
+            except PairedDataError as error:
+                # Raised on every process before this step's update: the state is still that of step global_step.
+                save_checkpoint(global_step)
+                raise SystemExit(f"error: {error} The state before step {global_step} is in checkpoint-{global_step}.")
+            tracker_time, logs, step_is_finite = result.tracker_time, result.logs, result.is_finite
+            if args.debug_process_states:
+                drawn_conditions.update("\x1f".join(result.prompts).encode("utf-8"))
+            if not step_is_finite:
+                nonfinite_skipped += 1
+                logger.warning("Non-finite loss at step %d: update skipped (%d so far).", global_step,
+                               nonfinite_skipped)
+                if args.on_nonfinite == "stop" and uses_deepspeed:
+                    # DeepSpeed has already applied this step's update: the last good state is the last checkpoint.
+                    raise SystemExit(f"Stopped on a non-finite loss at step {global_step} (--on_nonfinite stop); resume "
+                                     "from the last checkpoint written before it.")
+                if args.on_nonfinite == "stop":
+                    save_checkpoint(global_step)
+                    raise SystemExit(f"Stopped on a non-finite loss at step {global_step} (--on_nonfinite stop); "
+                                     f"the last good state is in checkpoint-{global_step}.")
+            global_step += 1
+            progress_bar.update(1)
 
-        if is_validation_step and accelerator.is_main_process:
-            if tracker is not None:
-                region_logs = {}
-                for region in range(tracker.num_regions):
-                    region_logs[f"aria/discrepancy/region_{region:02d}"] = estimates[region]
-                    region_logs[f"aria/probability/region_{region:02d}"] = probabilities[region]
-                    region_logs[f"aria/visits/region_{region:02d}"] = int(tracker.visits[region])
-                accelerator.log(region_logs, step=global_step)
-            validate_and_plot(global_step)
-        if periodic_evaluation is not None and global_step % args.eval_steps == 0:
-            with ema_weights_applied():
-                eval_logs, eval_image = periodic_evaluation.run(accelerator.unwrap_model(student), global_step)
-            accelerator.log(eval_logs, step=global_step)
-            log_image(accelerator.trackers, "eval/discrepancy_per_region", eval_image, global_step)
+            is_validation_step = global_step % args.validation_steps == 0
+            if tracker is not None and (global_step % region_history_stride == 0 or is_validation_step
+                                        or global_step == max_train_steps):
+                tick = time.perf_counter()
+                estimates, probabilities = tracker.estimates(), tracker.probabilities()
+                region_history.append((global_step, estimates.tolist(), probabilities.tolist()))
+                tracker_time += time.perf_counter() - tick
+            step_time = time.perf_counter() - step_start
+            step_times.append(step_time)
+            if first_step_finished_at is None:
+                first_step_finished_at = time.time()
+            tracker_times.append(tracker_time)
+            logs.update({"lr": lr_scheduler.get_last_lr()[0], "step_time": step_time, "tracker_time": tracker_time,
+                         "samples_per_second": total_batch_size / step_time, "nonfinite_skipped": nonfinite_skipped})
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            accelerator.log(logs, step=global_step)
 
-        # Every process must agree to stop at the same step: checkpointing is collective.
-        stop_now = not all_processes_agree(accelerator, not preemption.requested)
-        if global_step % args.checkpointing_steps == 0 or stop_now:
-            saved = checkpointing.save_checkpoint(accelerator, args.output_dir, global_step, training_state(),
-                                                  args.checkpoints_total_limit)
-            if checkpoint_pusher is not None:
-                student_folder = "unet_lora" if args.use_lora else "unet"
-                checkpoint_pusher.push(os.path.join(saved, student_folder), student_folder, global_step)
-        if stop_now:
-            logger.warning("Preempted: checkpoint-%d written; resume with --resume_from_checkpoint latest.", global_step)
-            accelerator.end_training()
-            raise SystemExit(preemption.exit_status)
+            if is_validation_step and accelerator.is_main_process:
+                if tracker is not None:
+                    region_logs = {}
+                    for region in range(tracker.num_regions):
+                        region_logs[f"aria/discrepancy/region_{region:02d}"] = estimates[region]
+                        region_logs[f"aria/probability/region_{region:02d}"] = probabilities[region]
+                        region_logs[f"aria/visits/region_{region:02d}"] = int(tracker.visits[region])
+                    accelerator.log(region_logs, step=global_step)
+                validate_and_plot(global_step)
+            if periodic_evaluation is not None and global_step % args.eval_steps == 0:
+                try:
+                    with ema_weights_applied():
+                        eval_logs, eval_image = periodic_evaluation.run(accelerator.unwrap_model(student), global_step)
+                    accelerator.log(eval_logs, step=global_step)
+                    log_image(accelerator.trackers, "eval/discrepancy_per_region", eval_image, global_step)
+                except Preempted:
+                    logger.warning("Evaluation at step %d stopped by the preemption request.", global_step)
+
+            # Every process must agree to stop at the same step: checkpointing is collective.
+            stop_now = not all_processes_agree(accelerator, not preemption.requested)
+            if global_step % args.checkpointing_steps == 0 or stop_now:
+                saved = save_checkpoint(global_step)
+                if checkpoint_pusher is not None:
+                    student_folder = "unet_lora" if args.use_lora else "unet"
+                    checkpoint_pusher.push(os.path.join(saved, student_folder), student_folder, global_step)
+            if stop_now:
+                logger.warning("Preempted: checkpoint-%d written; resume with --resume_from_checkpoint latest.", global_step)
+                accelerator.end_training()
+                raise SystemExit(preemption.exit_status)
+    finally:
+        distillation_step.close()  # hooks removed, DataLoader workers stopped, however the loop ends
 
     # ---------------------------------------------------------------- Final pipeline
     if args.debug_process_states:
@@ -988,13 +1076,12 @@ def main(args):
 
             write_region_report(os.path.join(args.output_dir, "aria_regions.json"), region_index, tracker)
             validate_and_plot(global_step)
-        with open(os.path.join(args.output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
-            json.dump(public_args(args), handle, indent=2)
+        write_json_atomically(os.path.join(args.output_dir, "training_args.json"), public_args(args))
         write_train_summary(os.path.join(args.output_dir, "train_summary.json"), step_times, tracker_times,
                             total_batch_size, global_step, nonfinite_skipped, first_step_finished_at)
         # The card names the teacher as the user gave it (hub id, folder or file), not its converted copy.
         write_card(args, args.pretrained_model_name_or_path, teacher_unet, accelerator.unwrap_model(student),
-                   hub_repo_id)
+                   hub_repo_id, resume_history)
         if checkpoint_pusher is not None:  # finished before the final upload: one commit at a time
             for failure in checkpoint_pusher.finish():
                 logger.warning("A checkpoint push to the Hub failed (%s); the local checkpoint is intact.", failure)
@@ -1003,17 +1090,13 @@ def main(args):
 
             push_output_folder(hub_api, args.output_dir, hub_repo_id, token=args.hub_token, private=args.hub_private)
             logger.info("Pushed %s to the Hub as %s", args.output_dir, hub_repo_id)
-        apply_umask_tree(args.output_dir)  # safetensors writes 0600 files; others on the cluster must read them
+        run_folder.apply_umask_to_outputs(args.output_dir)
         logger.info("Student pipeline saved to %s", args.output_dir)
-    distillation_step.close()
     accelerator.end_training()
+    output_claim.release()
 
 
 if __name__ == "__main__":
     silence_known_harmless_messages()
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (PromptCorpusError, PairedDataError, RegionIndexError) as error:
-        # Input errors: the message names the flag and the fix; a traceback would only hide it.
-        raise SystemExit(f"error: {error}")
+    # Input errors, a full or read-only disk and Ctrl-C before training end with a message, not a traceback.
+    run_cli(lambda argv: main(parse_args(argv)))

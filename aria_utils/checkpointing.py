@@ -13,8 +13,6 @@ It is written under a temporary name and renamed when complete, so a run killed 
 leaves a folder that `latest` would pick. `training_state.json` also records the size of every file
 of the checkpoint, so a file damaged later (a full disk, a copy cut short) is found before resuming,
 and `latest` falls back to the newest intact checkpoint.
-
-This module also guards OUTPUT_DIR: a fresh run never silently replaces another run's work.
 """
 
 import json
@@ -24,6 +22,7 @@ import re
 import shutil
 import zipfile
 
+from aria_utils.cli import UserInputError
 from aria_utils.files import apply_umask_tree, write_json_atomically
 
 logger = logging.getLogger(__name__)
@@ -31,11 +30,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_FILE = "training_state.json"
 TEMPORARY_PREFIX = ".incomplete-"
-# What a finished (or checkpointed) run leaves in OUTPUT_DIR besides checkpoints; caches keyed by
-# fingerprints (regions/, latent_cache/, teacher_diffusers/) are not a run's work and are kept.
-RUN_OUTPUTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor",
-               "safety_checker", "pytorch_lora_weights.safetensors", "README.md", "training_args.json",
-               "train_summary.json", "aria_regions.json", "aria_regions.png", "validation", "eval", "process_states")
 
 
 def complete_checkpoints(output_dir):
@@ -115,9 +109,12 @@ def resolve_resume_checkpoint(output_dir, resume_from_checkpoint, warn=True):
             if warn:
                 logger.warning("Skipping damaged checkpoint %s (%s); trying the one before it.", path, problem)
         return None
+    if not os.path.isdir(resume_from_checkpoint) and os.path.isdir(os.path.join(output_dir, resume_from_checkpoint)):
+        resume_from_checkpoint = os.path.join(output_dir, resume_from_checkpoint)  # a bare name: in OUTPUT_DIR
     if not os.path.isdir(resume_from_checkpoint):
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r} does not exist; pass a "
-                                "checkpoint-<step> folder or 'latest'.")
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r} does not exist (in the working "
+                                f"folder or in --output_dir {output_dir!r}); pass a checkpoint-<step> folder or "
+                                "'latest'.")
     problem = checkpoint_problem(resume_from_checkpoint)
     if problem:
         raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r} cannot be resumed: {problem}. "
@@ -125,34 +122,76 @@ def resolve_resume_checkpoint(output_dir, resume_from_checkpoint, warn=True):
     return resume_from_checkpoint
 
 
-# Arguments that decide the shapes of what a checkpoint holds: resuming with others cannot work.
-STATE_DEFINING_ARGS = ("student_config", "student_model_name_or_path", "use_lora", "lora_rank",
-                       "lora_target_modules", "use_ema", "aria_allocation")  # the tracker state belongs to its rule
+# What resuming with another value of a flag would mean. Refused: the checkpoint's state has another
+# shape or meaning (student, optimizer, EMA, tracker), or the data a step sees follows from the flag, so
+# the run would be recorded as one value and trained with another. Every other flag is honoured from the
+# resuming command (`apply_resumed_flags` re-applies those the restored state would otherwise override).
+RESUME_REFUSED = {
+    "student_config": "the student's architecture", "student_model_name_or_path": "the student's architecture",
+    "use_lora": "what is trained", "lora_rank": "the adapter's shape", "lora_target_modules": "the adapter's shape",
+    "use_ema": "the EMA state", "use_8bit_adam": "the optimizer state's format",
+    "condition_sampling": "the tracker state", "track_regions": "the tracker state",
+    "aria_allocation": "the tracker state", "aria_normalize_timesteps": "the tracker's timestep buckets",
+    "aria_timestep_buckets": "the tracker's timestep buckets",
+    "train_batch_size": "the data order and the batch of every step",
+    "gradient_accumulation_steps": "the data order and the batch of every step",
+    "seed": "the data order, noise and conditions of every step",
+    "max_train_samples": "the data order",
+}
+# Facts of the run rather than flags, refused for the same reasons; recorded in training_state.json.
+RESUME_REFUSED_FACTS = {
+    "num_processes": "the data order and the batch of every step",
+    "mixed_precision": "the gradient scaler state (fp16) and the weights' precision",
+    "corpus_sha256": "the prompts random conditions are drawn from (the condition corpus)",
+    "paired_set": "the paired latents and their order (--train_data_dir / --dataset_name)",
+}
+# Flags that only name where things are or what to do next: never reported as a change.
+RESUME_NOT_A_CHANGE = ("resume_from_checkpoint", "overwrite_output_dir", "output_dir", "train_data_dir", "prompt_file",
+                       "logging_dir", "cache_dir", "region_cache_dir", "push_to_hub", "hub_model_id", "hub_private",
+                       "hub_push_checkpoints", "debug_process_states", "report_to")
 
 
-def resume_mismatches(checkpoint_args, args):
-    """["--flag X (checkpoint) vs Y (now)"] for the state-defining flags that differ."""
-    return [f"--{name} {checkpoint_args[name]!r} in the checkpoint, {getattr(args, name)!r} now"
-            for name in STATE_DEFINING_ARGS if name in checkpoint_args and checkpoint_args[name] != getattr(args, name)]
+def resume_mismatches(checkpoint_state, args, run_facts):
+    """["--flag X in the checkpoint, Y now (it defines ...)"] for refused flags and facts that differ.
+
+    `checkpoint_state` is training_state.json's content; `run_facts` this run's values of
+    RESUME_REFUSED_FACTS (those not known yet may be left out: checked again once they are).
+    """
+    checkpoint_args, recorded = checkpoint_state.get("args", {}), checkpoint_state.get("run", {})
+    mismatches = [f"--{name} {checkpoint_args[name]!r} in the checkpoint, {getattr(args, name)!r} now (it defines "
+                  f"{reason})" for name, reason in RESUME_REFUSED.items()
+                  if name in checkpoint_args and checkpoint_args[name] != getattr(args, name)]
+    mismatches += [f"{name.replace('_', ' ')} {recorded[name]!r} in the checkpoint, {run_facts[name]!r} now (it "
+                   f"defines {reason})" for name, reason in RESUME_REFUSED_FACTS.items()
+                   if name in recorded and name in run_facts and recorded[name] != run_facts[name]]
+    return mismatches
 
 
-def previous_run_outputs(output_dir):
-    """Names in `output_dir` that belong to an earlier run (checkpoints, a final pipeline, reports)."""
-    if not os.path.isdir(output_dir):
-        return []
-    return sorted(name for name in os.listdir(output_dir)
-                  if CHECKPOINT_PATTERN.match(name) or name.startswith(TEMPORARY_PREFIX) or name in RUN_OUTPUTS)
+def honoured_changes(checkpoint_args, args):
+    """{flag: (checkpoint value, new value)} of the flags that changed and are honoured from now on."""
+    return {name: (checkpoint_args[name], value) for name, value in vars(args).items()
+            if name in checkpoint_args and checkpoint_args[name] != value and name not in RESUME_REFUSED
+            and name not in RESUME_NOT_A_CHANGE}
 
 
-def remove_previous_run(output_dir, logging_dir=None):
-    """--overwrite_output_dir: delete an earlier run's checkpoints, outputs and logs (caches are kept)."""
-    names = previous_run_outputs(output_dir)
-    if logging_dir and os.path.isdir(os.path.join(output_dir, logging_dir)):
-        names.append(logging_dir)
-    for name in names:
-        path = os.path.join(output_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    return names
+def apply_resumed_flags(optimizer, lr_scheduler, ema_model, learning_rate, betas, weight_decay, epsilon, ema_decay):
+    """After restoring a checkpoint, make the optimizer, lr schedule and EMA follow this run's flags.
+
+    Restoring puts back the hyperparameters the checkpoint was written with (the optimizer's param
+    groups, the schedule's base rates, the EMA's decay); with unchanged flags this changes nothing.
+    The schedules here are LambdaLR (diffusers' `get_scheduler`), so the current rate is the new base
+    rate times the schedule's factor at the restored step.
+    """
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # Accelerate wraps it
+    for group in optimizer.param_groups:
+        group.update(initial_lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=epsilon)
+    scheduler.base_lrs = [learning_rate] * len(optimizer.param_groups)
+    factors = [factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+    for group, factor in zip(optimizer.param_groups, factors):
+        group["lr"] = learning_rate * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if ema_model is not None:
+        ema_model.decay = ema_decay
 
 
 def _file_sizes(folder):
@@ -160,34 +199,128 @@ def _file_sizes(folder):
             for root, _, names in os.walk(folder) for name in names}
 
 
+def checkpoint_bytes(path):
+    """Bytes of a complete checkpoint (from the sizes it recorded)."""
+    try:
+        return sum(read_training_state(path).get("files", {}).values())
+    except (OSError, ValueError):
+        return 0
+
+
+def state_bytes(accelerator):
+    """Bytes of the models' and optimizers' tensors: what a first checkpoint will take, roughly."""
+    import torch
+
+    total = 0
+    for model in accelerator._models:
+        total += sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    for optimizer in accelerator._optimizers:
+        for state in optimizer.state_dict().get("state", {}).values():
+            total += sum(value.numel() * value.element_size() for value in state.values() if torch.is_tensor(value))
+    return total
+
+
+def make_room(output_dir, total_limit, needed_bytes):
+    """With --checkpoints_total_limit, delete the checkpoints the new one will push out *before* writing it
+    when the disk lacks room for it, but never the newest intact one: if the write then fails, that one
+    is still there to resume from. (With a limit of 1 nothing can go early: the folder needs room for two.)"""
+    if total_limit is None:
+        return
+    checkpoints = complete_checkpoints(output_dir)
+    leaving = checkpoints[: max(0, min(len(checkpoints) + 1 - total_limit, len(checkpoints) - 1))]
+    for _, path in leaving:
+        if shutil.disk_usage(output_dir).free >= needed_bytes * 1.05:
+            return
+        logger.warning("Removing %s before writing the next checkpoint: the disk has room for no more, and "
+                       "--checkpoints_total_limit %d would remove it after.", path, total_limit)
+        shutil.rmtree(path)
+
+
 def save_checkpoint(accelerator, output_dir, step, training_state, total_limit=None):
-    """Write checkpoint-<step> atomically on all processes; prune to `total_limit` afterwards."""
+    """Write checkpoint-<step> atomically on all processes; prune to `total_limit` afterwards.
+
+    A write that fails (a full disk, a read-only folder) leaves nothing behind and raises
+    CheckpointError naming the folder, the free space and the size needed; the checkpoints written
+    before stay as they were.
+    """
+    from aria_utils.training_step import all_processes_agree
+
     final_path = os.path.join(output_dir, f"checkpoint-{step}")
     temporary_path = os.path.join(output_dir, f"{TEMPORARY_PREFIX}checkpoint-{step}")
-    if accelerator.is_main_process and os.path.exists(temporary_path):
-        shutil.rmtree(temporary_path)  # left over from a run killed while writing
-    accelerator.wait_for_everyone()
-    accelerator.save_state(temporary_path)  # every process: DeepSpeed/FSDP shards need all of them
-    accelerator.wait_for_everyone()
+    previous = complete_checkpoints(output_dir)
+    needed = checkpoint_bytes(previous[-1][1]) if previous else state_bytes(accelerator)
+    failure = None
     if accelerator.is_main_process:
-        # Written last: its presence marks the checkpoint complete, and it records every file's size.
-        training_state = dict(training_state, files=_file_sizes(temporary_path))
-        write_json_atomically(os.path.join(temporary_path, TRAINING_STATE_FILE), training_state)
-        apply_umask_tree(temporary_path)
-        if os.path.exists(final_path):  # same step written again after a resume from an older checkpoint
-            shutil.rmtree(final_path)
-        os.replace(temporary_path, final_path)
-        prune_checkpoints(output_dir, total_limit)
-        logger.info("Saved checkpoint %s", final_path)
+        try:
+            remove_leftovers(output_dir)  # of a run killed while writing
+            make_room(output_dir, total_limit, needed)
+        except OSError as error:
+            failure = error
     accelerator.wait_for_everyone()
+    if failure is None:
+        try:
+            accelerator.save_state(temporary_path)  # every process: DeepSpeed/FSDP shards need all of them
+        except (OSError, RuntimeError) as error:  # torch's zip writer reports a full disk as a RuntimeError
+            failure = error
+    if all_processes_agree(accelerator, failure is None) and accelerator.is_main_process:
+        try:
+            # Written last: its presence marks the checkpoint complete, and it records every file's size.
+            training_state = dict(training_state, files=_file_sizes(temporary_path))
+            write_json_atomically(os.path.join(temporary_path, TRAINING_STATE_FILE), training_state)
+            apply_umask_tree(temporary_path)
+            replaced = None
+            if os.path.exists(final_path):  # same step written again after a resume from an older checkpoint
+                replaced = os.path.join(output_dir, f"{TEMPORARY_PREFIX}replaced-checkpoint-{step}")
+                os.replace(final_path, replaced)
+            os.replace(temporary_path, final_path)
+            if replaced:
+                shutil.rmtree(replaced)
+            prune_checkpoints(output_dir, total_limit)
+            logger.info("Saved checkpoint %s", final_path)
+        except OSError as error:
+            failure = error
+    if not all_processes_agree(accelerator, failure is None):
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary_path, ignore_errors=True)
+        raise CheckpointError(_write_failure_message(output_dir, step, failure, needed, previous))
     return final_path
+
+
+def _write_failure_message(output_dir, step, failure, needed_bytes, previous):
+    import errno as errnos
+
+    from aria_utils.cli import DISK_FULL_ERRNOS
+
+    free = shutil.disk_usage(output_dir).free if os.path.isdir(output_dir) else 0
+    code = getattr(failure, "errno", None)
+    if code in DISK_FULL_ERRNOS or (failure is not None and free < needed_bytes * 1.05):
+        reason = "the disk is full"
+    elif code in (errnos.EROFS, errnos.EACCES, errnos.EPERM):
+        reason = f"the folder cannot be written ({os.strerror(code).lower()})"
+    elif failure is None:
+        reason = "another process failed to write its part (its message says why)"
+    else:
+        reason = f"{type(failure).__name__}: {failure}"
+    intact = (f"{os.path.basename(previous[-1][1])} is intact" if previous else "no earlier checkpoint exists")
+    return (f"could not write checkpoint-{step} in {output_dir}: {reason} ({free_text(free)}, a checkpoint takes about "
+            f"{needed_bytes / 1024 ** 3:.2f} GiB). Nothing of it was kept and {intact}. Free space (or choose a "
+            "folder on a larger disk), then resume with --resume_from_checkpoint latest.")
+
+
+def free_text(free_bytes):
+    return f"{free_bytes / 1024 ** 3:.2f} GiB free"
+
+
+def remove_leftovers(output_dir):
+    """Half-written checkpoints of runs killed while writing: never resumable, only taking space."""
+    for name in os.listdir(output_dir):
+        if name.startswith(TEMPORARY_PREFIX):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 def prune_checkpoints(output_dir, total_limit):
     """Keep the newest `total_limit` complete checkpoints; also drop leftovers of interrupted writes."""
-    for name in os.listdir(output_dir):
-        if name.startswith(TEMPORARY_PREFIX):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    remove_leftovers(output_dir)
     if total_limit is None:
         return
     checkpoints = complete_checkpoints(output_dir)
@@ -196,7 +329,7 @@ def prune_checkpoints(output_dir, total_limit):
         shutil.rmtree(path)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserInputError):
     """A checkpoint could not be restored; the message names it and what to do."""
 
 

@@ -7,11 +7,12 @@ strategies have something to disagree about.
     python -m aria_utils.demo_corpus --output_dir demo-data   # writes demo-data/prompts.csv
 """
 
-import argparse
 import csv
 import itertools
 import os
 import random
+
+from aria_utils.cli import argument_parser, run_cli
 
 STYLES = [
     "a photo of", "a watercolor painting of", "a pencil sketch of", "a 3d render of",
@@ -118,7 +119,7 @@ def write_demo_corpus(output_dir, seed=0):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Write the built-in demo prompt corpus (prompts.csv).")
+    parser = argument_parser("Write the built-in demo prompt corpus (prompts.csv).")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -131,4 +132,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

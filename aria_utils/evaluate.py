@@ -9,17 +9,18 @@ Writes `report.json` (machine-readable: command, seeds, versions, all numbers), 
 `samples_<student>.png` (teacher row over student row, grouped by region).
 """
 
-import argparse
 import json
 import logging
 import os
 import platform
+import re
 import shlex
 import sys
 
 import numpy as np
 import torch
 
+from aria_utils.cli import argument_parser, run_cli
 from aria_utils.evaluation import (
     DiscrepancyEvaluator,
     EvaluationError,
@@ -32,20 +33,30 @@ from aria_utils.evaluation import (
     summarise_discrepancy,
 )
 from aria_utils.hub import pretrained_source_problem
+from aria_utils.prompts import PromptCorpusError, check_prompt_file
 
 logger = logging.getLogger(__name__)
 
 
+# A student's name becomes part of file names (samples_<name>.png): no folders, no "..".
+STUDENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
 def parse_student(value):
+    """(name, path) of a `--student [NAME=]PATH`. A path that exists is taken whole, '=' and all; otherwise
+    NAME is what comes before the first '='."""
     name, separator, path = value.partition("=")
-    if not separator:
+    if not separator or os.path.exists(value):
         path = value
-        name = os.path.basename(os.path.normpath(value)) or value
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(os.path.normpath(value))).lstrip(".") or "student"
+    if not STUDENT_NAME.match(name):
+        raise ValueError(f"--student {value!r}: the name {name!r} may hold letters, digits, '.', '_' and '-' only "
+                         "(it names the report's files); write --student NAME=PATH with such a NAME.")
     return name, path
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Per-region teacher-student discrepancy of distilled students.")
+    parser = argument_parser("Per-region teacher-student discrepancy of distilled students.")
     parser.add_argument("--teacher", required=True, help="Teacher pipeline: folder or hub id.")
     parser.add_argument("--student", action="append", required=True, metavar="[NAME=]PATH",
                         help="Student pipeline / UNet folder or hub id; repeat to compare several.")
@@ -72,12 +83,17 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
     args.command = "python -m aria_utils.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if not os.path.isfile(args.prompt_file):
-        parser.error(f"--prompt_file {args.prompt_file!r} does not exist.")
+    try:
+        check_prompt_file(args.prompt_file)
+    except PromptCorpusError as error:
+        parser.error(str(error))
     if not os.path.isfile(os.path.join(args.region_cache_dir, "regions.json")):
         parser.error(f"--region_cache_dir {args.region_cache_dir!r} holds no region index (regions.json); build one "
                      "with python -m aria_utils.regions or pass the training run's OUTPUT_DIR/regions.")
-    args.student = [parse_student(value) for value in args.student]
+    try:
+        args.student = [parse_student(value) for value in args.student]
+    except ValueError as error:
+        parser.error(str(error))
     names = [name for name, _ in args.student]
     if len(set(names)) != len(names):
         parser.error(f"--student names must be unique, got {names}; use NAME=PATH.")
@@ -339,10 +355,7 @@ def main(argv=None):
     silence_known_harmless_messages()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    try:
-        report = run_evaluation(args)
-    except EvaluationError as error:
-        raise SystemExit(f"error: {error}")
+    report = run_evaluation(args)
     for name, result in report["students"].items():
         d = result["discrepancy"]
         print(f"{name}: mean {d['mean']:.5f}, worst region {d['worst_region']} ({d['worst_region_mean']:.5f}), "
@@ -351,4 +364,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

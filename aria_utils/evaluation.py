@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from aria_utils.cli import UserInputError
+from aria_utils.preemption import raise_if_preempted, stop_when_preempted
 
-class EvaluationError(ValueError):
+
+class EvaluationError(UserInputError):
     """Bad evaluation input; the message names the flag and the fix."""
 
 
@@ -100,9 +103,12 @@ class DiscrepancyEvaluator:
         return build_pipeline(unet, self.vae, self.prompt_encoder, self.sampling_scheduler)
 
     def _batches(self, count, batch_size, description):
+        """Batch starts with a progress bar; a preemption stops the evaluation at the next batch."""
         from tqdm.auto import tqdm
 
-        return tqdm(range(0, count, batch_size), desc=description, disable=not self.show_progress, leave=False)
+        for start in tqdm(range(0, count, batch_size), desc=description, disable=not self.show_progress, leave=False):
+            raise_if_preempted()
+            yield start
 
     @torch.no_grad()
     def generate_latents(self, unet, prompts, positions, noise_seed, setup, description="Sampling"):
@@ -119,7 +125,7 @@ class DiscrepancyEvaluator:
             ]).to(self.device, self.dtype)
             result = pipeline(list(prompts[start : start + setup.batch_size]),
                               num_inference_steps=setup.num_inference_steps, guidance_scale=setup.guidance_scale,
-                              latents=initial, output_type="latent")
+                              latents=initial, output_type="latent", callback_on_step_end=stop_when_preempted)
             outputs.append(result.images.float().cpu())
         return torch.cat(outputs)
 

@@ -57,6 +57,13 @@ def write_text_atomically(path, text):
     _commit(temporary, path)
 
 
+def write_bytes_atomically(path, data):
+    temporary = path + TEMPORARY_SUFFIX
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+    _commit(temporary, path)
+
+
 def save_safetensors_atomically(tensors, path, metadata=None):
     """torch tensors -> `path` in safetensors, atomically and readable per the umask."""
     from safetensors.torch import save_file

@@ -29,15 +29,22 @@ import os
 import numpy as np
 import torch
 
+from aria_utils.cli import argument_parser, run_cli
 from aria_utils.hub import pretrained_source_problem
 from aria_utils.paired_data import (
+    CHECK_KEYS,
     LATENTS_FILE,
     MANIFEST_FILE,
     PairedDataError,
+    check_file,
     finished_shards,
     new_manifest,
     read_manifest,
     remove_partial_files,
+    shard_check_of_files,
+    shard_files,
+    shard_record,
+    verify_shard,
     write_manifest,
     write_shard,
 )
@@ -88,7 +95,7 @@ def parse_category_fractions(values):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Generate teacher latents for a subset of prompts (RC's paired set).")
+    parser = argument_parser("Generate teacher latents for a subset of prompts (RC's paired set).")
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="Teacher pipeline: hub id or folder.")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--variant", default=None)
@@ -197,6 +204,40 @@ def check_output_folder(output_dir, settings):
     return "complete" if manifest.get("complete") else "resume"
 
 
+def verify_finished_shards(output_dir, manifest, state):
+    """[(shard index, problem)] of the shards that differ from what was written: every shard of a complete set,
+    the finished-looking ones of an unfinished set. Every process reads its share (verifying reads the set once)."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    shards = range(len(manifest["shards"])) if manifest.get("complete") else finished_shards(output_dir, manifest)
+    mine = list(shards)[state.process_index :: state.num_processes]
+    damaged = []
+    for shard_index in tqdm(mine, desc="Verifying shards", unit="shard", disable=not state.is_main_process):
+        problem = verify_shard(output_dir, manifest, shard_index)
+        if problem:
+            damaged.append((shard_index, problem))
+    return sorted(gather_object(damaged)) if state.num_processes > 1 else damaged
+
+
+def remove_shard(output_dir, shard_index):
+    """Delete one shard's files (inside the set's own folder), so that it is generated again."""
+    latents_path, captions_path = shard_files(output_dir, shard_index)
+    for path in (latents_path, captions_path, check_file(output_dir, shard_index)):
+        if os.path.isfile(path):
+            os.remove(path)
+
+
+def record_shard_checks(output_dir, manifest):
+    """Copy each shard's sizes and checksums into the manifest (shards of sets written before checksums
+    existed are checksummed now, after they passed verification)."""
+    for shard_index, shard in enumerate(manifest["shards"]):
+        record = shard_record(output_dir, manifest, shard_index, prefer_check_file=True)
+        if record is None:
+            record = shard_check_of_files(output_dir, shard_index)
+        shard.update({key: record[key] for key in CHECK_KEYS})
+
+
 def generate_latent_batch(pipeline, prompts, seeds, args, resolution):
     """The teacher's final latents for `prompts`, each sample's noise from its own seed; float16 on the CPU."""
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -255,10 +296,6 @@ def main(argv=None):
         status = check_output_folder(args.output_dir, settings)
     except (PromptCorpusError, PairedDataError, ValueError) as error:
         raise SystemExit(f"error: {error}")
-    if status == "complete":
-        if state.is_main_process:
-            print(f"{args.output_dir} already holds these {len(indices)} teacher latents; nothing to do.")
-        return
     if state.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if status == "new":
@@ -267,7 +304,22 @@ def main(argv=None):
     state.wait_for_everyone()
 
     manifest = read_manifest(args.output_dir)
-    done = finished_shards(args.output_dir, manifest)
+    damaged = verify_finished_shards(args.output_dir, manifest, state)
+    if damaged and state.is_main_process:
+        for shard_index, problem in damaged:
+            logger.warning("Shard %d is damaged (%s): redoing it.", shard_index, problem)
+            remove_shard(args.output_dir, shard_index)
+            for key in CHECK_KEYS:  # the redone shard's own record replaces the old one
+                manifest["shards"][shard_index].pop(key, None)
+        manifest["complete"] = False
+        write_manifest(args.output_dir, manifest)
+    state.wait_for_everyone()
+    if status == "complete" and not damaged:
+        if state.is_main_process:
+            print(f"{args.output_dir} already holds these {len(indices)} teacher latents (every shard verified); "
+                  "nothing to do.")
+        return
+    done = sorted(set(finished_shards(args.output_dir, manifest)) - {index for index, _ in damaged})
     remaining = [index for index in range(len(manifest["shards"])) if index not in set(done)]
     # Remaining shards are dealt out round-robin, so resumed work stays balanced across processes.
     mine = remaining[state.process_index :: state.num_processes]
@@ -302,6 +354,7 @@ def main(argv=None):
         missing = sorted(set(range(len(manifest["shards"]))) - set(finished_shards(args.output_dir, manifest)))
         if missing:
             raise SystemExit(f"Shards {missing[:10]} are missing after generation; re-run the same command.")
+        record_shard_checks(args.output_dir, manifest)
         manifest["complete"] = True
         write_manifest(args.output_dir, manifest)
         print(f"Wrote {len(indices)} teacher latents in {len(manifest['shards'])} shards to {args.output_dir}")
@@ -309,4 +362,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -7,6 +7,7 @@ path), a license inherited from the teacher's family, and the hub datasets the s
 
 import json
 import os
+import re
 import shlex
 
 TAGS = ["diffusers", "diffusers-training", "text-to-image", "stable-diffusion", "distillation", "bk-sdm", "aria"]
@@ -59,26 +60,51 @@ def redacted_command(argv, secret_flags):
     return "accelerate launch train_aria_distill.py " + shlex.join(kept)
 
 
+# Inline Markdown syntax; block syntax (headings, lists) needs a line start, which one-line text never has.
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+
+
+def markdown_text(text, limit=120):
+    """User text (a prompt, a path) as one line of plain Markdown: whitespace runs (newlines included)
+    become one space, HTML and Markdown syntax are escaped so headings, links, tags and table pipes stay
+    text, and long text is cut at `limit` characters."""
+    text = " ".join(str(text).split())
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "\u2026"
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
 def _region_table(region_report):
     lines = ["| region | prompts | representative prompt | final discrepancy | sampling probability | visits |",
              "|---|---|---|---|---|---|"]
     for region in region_report["regions"]:
-        example = (region["representatives"][0] if region["representatives"] else "").replace("|", "/")
+        example = markdown_text(region["representatives"][0]) if region["representatives"] else ""
         lines.append(f"| {region['region']} | {region['size']} | {example} | {region['discrepancy']:.4f} | "
                      f"{region['probability']:.3f} | {region['visits']} |")
     return "\n".join(lines)
 
 
+def _resume_changes(resume_history):
+    """Lines saying which flags changed when the run was resumed (honoured from that step on)."""
+    lines = []
+    for entry in resume_history:
+        changes = ", ".join(f"`--{name}` {markdown_text(before, 60)} -> {markdown_text(after, 60)}"
+                            for name, (before, after) in entry["changed"].items())
+        lines.append(f"- resumed at step {entry['step']} with {changes}")
+    return lines
+
+
 def write_model_card(output_dir, teacher, student_description, teacher_parameters, student_parameters, hyperparameters,
                      command, region_report=None, evaluation=None, validation_images=(), lora=False, base_model=None,
-                     license="creativeml-openrail-m", datasets=(), repo_id=None, sdxl=False):
+                     license="creativeml-openrail-m", datasets=(), repo_id=None, sdxl=False, resume_history=()):
     """Write OUTPUT_DIR/README.md; returns its path. `repo_id` names the model in the usage snippet
     (the Hub repo when pushing, else the output folder); `sdxl` makes the snippet and tags SDXL's."""
     from huggingface_hub import ModelCard, ModelCardData
 
     ratio = student_parameters / teacher_parameters if teacher_parameters else float("nan")
     hyperparameter_rows = "\n".join(
-        f"| `{key}` | `{value}` |" for key, value in sorted(hyperparameters.items())
+        f"| `{key}` | {markdown_text(value, 200)} |" for key, value in sorted(hyperparameters.items())
         if isinstance(value, (int, float, str, bool)) and value is not None)
     name = repo_id or output_dir
     pipeline_name = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
@@ -124,6 +150,9 @@ def write_model_card(output_dir, teacher, student_description, teacher_parameter
         "|---|---|",
         hyperparameter_rows,
     ]
+    if resume_history:
+        sections += ["", "The run was resumed with changed flags, each honoured from the step given:", "",
+                     *_resume_changes(resume_history)]
     if region_report is not None:
         sections += ["", "## ARIA regions", "",
                      f"{region_report['num_regions']} regions of the condition corpus (k-means over "

@@ -3,18 +3,24 @@
 On disk a paired set is a folder of shards (written by `generate_teacher_data` and by the image
 encoder below):
 
-    manifest.json                 how the set was made, its shards and counts; "complete" once all exist
+    manifest.json                 how the set was made, its shards and counts; "complete" once all exist,
+                                  and then each shard's file sizes and sha256 checksums
     shards/shard-00000.jsonl      one caption row per latent ({"index", "caption", ...}; for SDXL also
                                   "micro_conditioning": [original h, w, crop top, left, target h, w])
+    shards/shard-00000.check.json the sizes and sha256 of the two files, recorded when they were written
     shards/shard-00000.safetensors  "latents": (n, C, h, w) float16, already times the VAE scaling factor
 
 A shard's `.safetensors` file is written last and atomically, so its presence marks the shard as
-finished. The single-file layout of earlier versions (`latents.safetensors` + `metadata.jsonl`) is
-still read.
+finished. `verify_shard` compares a shard with what was recorded at write time (sizes, checksums, and
+that every latent is finite and not all zeros), so a copy cut short or a file zeroed by a failing disk
+is found and redone by `generate_teacher_data`. The single-file layout of earlier versions
+(`latents.safetensors` + `metadata.jsonl`) is still read.
 
-Training never loads the latents into memory: `PairedLatents` memory-maps every file and converts
-only the requested batch to float32, so RAM per process does not grow with the number of latents and
-the processes of one machine share the page cache. Captions are held packed (`TextTable`).
+Training never loads the latents into memory: `PairedLatents` reads only the rows of the requested
+batch, with positioned reads (no memory map, so a file truncated while training runs is an error
+naming the shard, not a SIGBUS), and converts them to float32; RAM per process does not grow with the
+number of latents and the processes of one machine share the page cache. Captions are held packed
+(`TextTable`).
 """
 
 import array
@@ -26,13 +32,17 @@ import os
 import numpy as np
 import torch
 
-from aria_utils.files import apply_umask, save_safetensors_atomically, write_json_atomically, write_text_atomically
+from aria_utils.cli import UserInputError
+from aria_utils.files import apply_umask, write_bytes_atomically, write_json_atomically
 from aria_utils.prompts import TextTable
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
+CHECK_SUFFIX = ".check.json"
+REPAIR_HINT = ("re-run the generate_teacher_data command that made it: it verifies every shard against the "
+               "manifest and redoes damaged ones")
 FORMAT_NAME = "aria-distill-paired-latents"
 FORMAT_VERSION = 1
 # The single-file layout of earlier versions.
@@ -42,7 +52,7 @@ METADATA_FILE = "metadata.jsonl"
 _SAFETENSORS_DTYPES = {"F16": np.float16, "BF16": None, "F32": np.float32, "F64": np.float64}
 
 
-class PairedDataError(ValueError):
+class PairedDataError(UserInputError):
     """Bad paired-data input; the message names the flag, the file and the fix."""
 
 
@@ -88,15 +98,110 @@ def write_manifest(directory, manifest):
     write_json_atomically(os.path.join(directory, MANIFEST_FILE), manifest)
 
 
+def check_file(directory, shard_index):
+    return os.path.join(directory, SHARDS_DIR, f"shard-{shard_index:05d}{CHECK_SUFFIX}")
+
+
+def bad_latent_row(latents):
+    """(row, reason) of the first latent that is not finite or is all zeros (a teacher latent never is), else None."""
+    flat = latents.reshape(len(latents), -1)
+    finite = torch.isfinite(flat).all(dim=1)
+    if not finite.all():
+        return int(torch.nonzero(~finite)[0]), "is not finite (NaN or inf)"
+    zero = (flat == 0).all(dim=1)
+    if zero.any():
+        return int(torch.nonzero(zero)[0]), "is all zeros (the file was zeroed or damaged)"
+    return None
+
+
 def write_shard(directory, shard_index, latents, rows):
-    """Captions first, then the latents: the latents file appears last, atomically, marking the shard done."""
+    """Captions, then their checksums, then the latents: the latents file appears last, atomically, marking
+    the shard done. Returns the shard's check record (file sizes and sha256)."""
+    from safetensors.torch import save as safetensors_bytes
+
     latents_path, captions_path = shard_files(directory, shard_index)
     os.makedirs(os.path.dirname(latents_path), exist_ok=True)
     apply_umask(os.path.dirname(latents_path))
     if len(rows) != len(latents):
         raise ValueError(f"shard {shard_index}: {len(latents)} latents but {len(rows)} caption rows")
-    write_text_atomically(captions_path, "".join(json.dumps(row) + "\n" for row in rows))
-    save_safetensors_atomically({"latents": latents.to(torch.float16)}, latents_path)
+    bad = bad_latent_row(latents.float())
+    if bad:
+        raise PairedDataError(f"The teacher's latent for {rows[bad[0]]['caption']!r} (latent {rows[bad[0]]['index']}) "
+                              f"{bad[1]}; under --mixed_precision fp16 the teacher can overflow: generate with bf16 "
+                              "or no.")
+    captions = "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
+    latents_bytes = safetensors_bytes({"latents": latents.to(torch.float16).contiguous()})
+    record = {"num_latents": len(rows), "captions_bytes": len(captions),
+              "captions_sha256": hashlib.sha256(captions).hexdigest(), "latents_bytes": len(latents_bytes),
+              "latents_sha256": hashlib.sha256(latents_bytes).hexdigest()}
+    write_bytes_atomically(captions_path, captions)
+    write_json_atomically(check_file(directory, shard_index), record)
+    write_bytes_atomically(latents_path, latents_bytes)
+    return record
+
+
+def shard_record(directory, manifest, shard_index, prefer_check_file=False):
+    """What was recorded when shard `shard_index` was written: the manifest's copy or the shard's check file
+    (the manifest's first: the check file sits next to the data it vouches for), else None."""
+    shard = manifest["shards"][shard_index]
+    from_check_file = None
+    try:
+        with open(check_file(directory, shard_index), encoding="utf-8") as handle:
+            from_check_file = json.load(handle)
+    except (OSError, ValueError):
+        pass
+    if "latents_sha256" in shard and not (prefer_check_file and from_check_file):
+        return shard
+    return from_check_file
+
+
+CHECK_KEYS = ("captions_bytes", "captions_sha256", "latents_bytes", "latents_sha256")
+
+
+def shard_check_of_files(directory, shard_index):
+    """The check record of a shard's files as they are now."""
+    latents_path, captions_path = shard_files(directory, shard_index)
+    return {"captions_bytes": os.path.getsize(captions_path), "captions_sha256": _file_sha256(captions_path),
+            "latents_bytes": os.path.getsize(latents_path), "latents_sha256": _file_sha256(latents_path)}
+
+
+def _file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shard(directory, manifest, shard_index):
+    """None when shard `shard_index` is what was written, else what is wrong with it (reads the whole shard)."""
+    shard = manifest["shards"][shard_index]
+    latents_path = os.path.join(directory, shard["latents"])
+    captions_path = os.path.join(directory, shard["captions"])
+    for path in (latents_path, captions_path):
+        if not os.path.isfile(path):
+            return f"{os.path.relpath(path, directory)} is missing"
+    record = shard_record(directory, manifest, shard_index)
+    if record is not None:
+        for path, size_key, digest_key in ((latents_path, "latents_bytes", "latents_sha256"),
+                                           (captions_path, "captions_bytes", "captions_sha256")):
+            name = os.path.relpath(path, directory)
+            if os.path.getsize(path) != record[size_key]:
+                return f"{name} has {os.path.getsize(path)} bytes, {record[size_key]} were written"
+            if _file_sha256(path) != record[digest_key]:
+                return f"{name} does not match the checksum recorded when it was written (damaged)"
+    try:
+        offset, shape, dtype = tensor_location(latents_path, "latents")
+    except PairedDataError as error:
+        return str(error)
+    if shape[0] != shard["num_latents"]:
+        return f"{shard['latents']} holds {shape[0]} latents, the manifest plans {shard['num_latents']}"
+    latents = PairedLatents([(latents_path, offset, shape[0], dtype)], None, shape[1:], directory)
+    for start in range(0, shape[0], 256):
+        bad = bad_latent_row(latents.read_rows(0, np.arange(start, min(shape[0], start + 256))))
+        if bad:
+            return f"latent {start + bad[0]} of {shard['latents']} {bad[1]}"
+    return None
 
 
 def finished_shards(directory, manifest):
@@ -134,7 +239,7 @@ def save_paired_latents(output_dir, latents, captions, settings=None, extra_rows
         stop = min(num_latents, start + shard_size)
         rows = [dict({"index": i, "caption": captions[i]}, **(extra_rows[i] if extra_rows else {}))
                 for i in range(start, stop)]
-        write_shard(output_dir, shard_index, latents[start:stop], rows)
+        manifest["shards"][shard_index].update(write_shard(output_dir, shard_index, latents[start:stop], rows))
     manifest["complete"] = True
     write_manifest(output_dir, manifest)
 
@@ -165,16 +270,18 @@ def tensor_location(path, name):
         raise PairedDataError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, expected F16 or F32.")
     offset = 8 + header_length + begin
     if offset + (end - begin) > size or (end - begin) != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        fix = REPAIR_HINT if os.path.basename(os.path.dirname(path)) == SHARDS_DIR else "regenerate the paired set"
         raise PairedDataError(f"{path} is truncated ({size} bytes, its header promises {offset + end - begin}); "
-                              "regenerate the paired set (re-running generate_teacher_data redoes damaged shards).")
+                              f"{fix}.")
     return offset, shape, dtype
 
 
 class PairedLatents:
     """A read-only paired set: `len`, `captions` (TextTable), `latent_shape`, and `latents(indices)`.
 
-    Files are memory-mapped on first use in each process (so the object pickles cheaply into
-    DataLoader workers, which open their own maps).
+    Nothing is kept open: each batch opens the shards it touches and reads its rows with positioned
+    reads, so the object pickles cheaply into DataLoader workers, no file handle count grows with the
+    number of shards, and a shard that became shorter is an error naming it instead of a SIGBUS.
     """
 
     def __init__(self, files, captions, latent_shape, source, micro_conditioning=None):
@@ -185,34 +292,52 @@ class PairedLatents:
         self.latent_shape = tuple(latent_shape)
         self.source = source
         self._starts = np.concatenate([[0], np.cumsum([count for _, _, count, _ in files])]).astype(np.int64)
-        self._maps = None
 
     def __len__(self):
-        return len(self.captions)
+        return int(self._starts[-1])
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_maps"] = None
-        return state
-
-    def _memory_maps(self):
-        if self._maps is None:
-            self._maps = [np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count, *self.latent_shape))
-                          for path, offset, count, dtype in self.files]
-        return self._maps
+    def read_rows(self, file_index, rows):
+        """float32 (len(rows), C, h, w) of rows `rows` of file `file_index`; PairedDataError if it is cut short."""
+        path, offset, count, dtype = self.files[file_index]
+        row_bytes = int(np.prod(self.latent_shape)) * np.dtype(dtype).itemsize
+        out = np.empty((len(rows), *self.latent_shape), dtype=np.float32)
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                for slot, row in enumerate(np.asarray(rows).tolist()):
+                    data = os.pread(handle.fileno(), row_bytes, offset + row * row_bytes)
+                    if len(data) != row_bytes:
+                        raise PairedDataError(
+                            f"{path} became shorter than its header says (latent {row} cannot be read): the file was "
+                            "truncated or replaced while training ran. Re-run the generate_teacher_data command that "
+                            "made the set (it verifies every shard and redoes damaged ones), then resume.")
+                    out[slot] = np.frombuffer(data, dtype=dtype).reshape(self.latent_shape)
+        except FileNotFoundError:
+            raise PairedDataError(f"{path} disappeared while training ran; restore the paired set, then resume.") from None
+        return torch.from_numpy(out)
 
     def latents(self, indices):
-        """float32 tensor (len(indices), C, h, w): only these rows are read from disk."""
+        """float32 tensor (len(indices), C, h, w): only these rows are read from disk.
+
+        Raises PairedDataError naming the shard and the latent when a row is cut short, not finite, or
+        all zeros, so damaged data stops training with the way to repair it instead of training on it.
+        """
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"latent index out of range for {len(self)} latents")
-        maps = self._memory_maps()
         shards = np.searchsorted(self._starts, indices, side="right") - 1
-        out = np.empty((len(indices), *self.latent_shape), dtype=np.float32)
+        out = torch.empty((len(indices), *self.latent_shape), dtype=torch.float32)
         for shard in np.unique(shards):
             rows = np.flatnonzero(shards == shard)
-            out[rows] = maps[shard][indices[rows] - self._starts[shard]]
-        return torch.from_numpy(out)
+            local = indices[rows] - self._starts[shard]
+            values = self.read_rows(int(shard), local)
+            bad = bad_latent_row(values)
+            if bad:
+                raise PairedDataError(
+                    f"--train_data_dir {self.source!r}: latent {int(local[bad[0]])} of "
+                    f"{os.path.relpath(self.files[shard][0], self.source)} {bad[1]}. Re-run the generate_teacher_data "
+                    "command that made the set (it verifies every shard and redoes damaged ones), then resume.")
+            out[torch.from_numpy(rows)] = values
+        return out
 
     def time_ids(self, indices):
         """float32 (len(indices), 6) SDXL micro-conditioning of these latents, or None when the set has none."""
@@ -291,14 +416,39 @@ class _MicroConditioningRows:
         return np.frombuffer(self.rows, dtype=np.int32).reshape(-1, 6)
 
 
+def manifest_problem(manifest):
+    """A message when the manifest contradicts itself (counts that do not add up), else None."""
+    try:
+        planned = plan_shards(int(manifest["num_latents"]), int(manifest["shard_size"]))
+        counts = [int(shard["num_latents"]) for shard in manifest["shards"]]
+    except (KeyError, TypeError, ValueError) as error:
+        return f"its manifest lacks or garbles {error}"
+    if sum(counts) != manifest["num_latents"] or counts != [shard["num_latents"] for shard in planned]:
+        return (f"its manifest says {manifest['num_latents']} latents in shards of {manifest['shard_size']}, but its "
+                f"{len(counts)} shards hold {sum(counts)}")
+    return None
+
+
 def check_paired_set_is_finished(path, flag="--train_data_dir"):
-    """Cheap check before anything is loaded: the manifest says the set is complete."""
+    """Cheap check before anything is loaded: the manifest is consistent and complete, and every shard file
+    has the size recorded when it was written (one stat per file, no data read)."""
     if os.path.isfile(os.path.join(path, MANIFEST_FILE)):
         manifest = read_manifest(path)
+        problem = manifest_problem(manifest)
+        if problem:
+            raise PairedDataError(f"{flag} {path!r} is damaged: {problem}; regenerate the paired set.")
         if not manifest.get("complete"):
             raise PairedDataError(
                 f"{flag} {path!r} is unfinished ({len(finished_shards(path, manifest))} of {len(manifest['shards'])} "
                 "shards): re-run the same aria_utils.generate_teacher_data command to finish it, then train.")
+        for shard in manifest["shards"]:
+            for key in ("latents", "captions"):
+                file_path = os.path.join(path, shard[key])
+                size = os.path.getsize(file_path) if os.path.isfile(file_path) else None
+                if f"{key}_bytes" in shard and size != shard[f"{key}_bytes"]:
+                    state = "is missing" if size is None else f"has {size} bytes, {shard[f'{key}_bytes']} were written"
+                    raise PairedDataError(f"{flag} {path!r}: {shard[key]} {state} (damaged or cut short): "
+                                          f"{REPAIR_HINT}.")
     else:
         tensor_location(os.path.join(path, LATENTS_FILE), "latents")
 
@@ -315,8 +465,7 @@ def load_paired_latents(path, max_samples=None, flag="--train_data_dir"):
                 break
             latents_path = os.path.join(path, shard["latents"])
             if not os.path.isfile(latents_path):
-                raise PairedDataError(f"{flag} {path!r}: {shard['latents']} is missing; re-run the "
-                                      "generate_teacher_data command that made it to redo it.")
+                raise PairedDataError(f"{flag} {path!r}: {shard['latents']} is missing; {REPAIR_HINT}.")
             offset, shape, dtype = tensor_location(latents_path, "latents")
             if shape != (shard["num_latents"], *latent_shape):
                 raise PairedDataError(f"{flag} {path!r}: {shard['latents']} has shape {shape}, the manifest says "

@@ -18,14 +18,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aria_utils.cli import UserInputError
+
 logger = logging.getLogger(__name__)
 
 PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl", ".parquet")
 # Rows are read and packed in chunks of this many: bounded Python objects whatever the corpus size.
 READ_CHUNK = 65_536
+# UTF-8, and a byte-order mark (as spreadsheet programs write) is dropped instead of starting the first
+# prompt or hiding the header's first column name.
+TEXT_ENCODING = "utf-8-sig"
+# CLIP reads 77 tokens (about 300 characters of English); far longer prompts are cut without a word.
+LONG_PROMPT_CHARACTERS = 1000
 
 
-class PromptCorpusError(ValueError):
+class PromptCorpusError(UserInputError):
     """Bad corpus input; the message names the flag and the fix."""
 
 
@@ -175,19 +182,19 @@ def _read_records(path, columns):
         if columns.category_column is not None:
             raise PromptCorpusError(f"--category_column needs a table (csv/tsv/json/jsonl/parquet); {path!r} is "
                                     "plain text with one prompt per line.")
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding=TEXT_ENCODING) as handle:
             for line in handle:
                 yield line.rstrip("\n"), None
         return
     if suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding=TEXT_ENCODING) as handle:
             reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
             prompt, category = columns.resolve(reader.fieldnames or [])
             for row in reader:
                 yield row[prompt], row[category] if category else None
         return
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding=TEXT_ENCODING) as handle:
             resolved = None
             for line_number, line in enumerate(handle, 1):
                 if not line.strip():
@@ -200,7 +207,7 @@ def _read_records(path, columns):
                 columns.resolve([])
         return
     if suffix == ".json":
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding=TEXT_ENCODING) as handle:
             try:
                 data = json.load(handle)
             except json.JSONDecodeError as error:
@@ -257,13 +264,33 @@ def _read_hub_records(name, split, columns):
         yield from zip(batch[prompt], categories)
 
 
+def _not_a_regular_file(path, flag):
+    """A message for a path that exists in name only or is no regular file (opening a FIFO would block)."""
+    import stat
+
+    if os.path.islink(path) and not os.path.exists(path):
+        return (f"{flag} {path!r} is a symbolic link that leads nowhere (a loop or a missing target); pass the "
+                "prompt file itself.")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        return f"{flag} {path!r} cannot be read ({os.strerror(error.errno).lower()})."
+    if stat.S_ISDIR(mode):
+        return (f"{flag} {path!r} is a folder; pass one txt/csv/tsv/json/jsonl/parquet file"
+                + (" (or --prompt_dataset_name for a hub dataset)." if flag == "--prompt_file" else "."))
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        return f"{flag} {path!r} is {kind}, not a regular file; write the prompts to a file and pass that."
+    return None
+
+
 def check_prompt_file(prompt_file, flag="--prompt_file"):
-    """Fail in milliseconds on a prompt file that cannot be read: missing, a folder, a wrong suffix, binary."""
-    if os.path.isdir(prompt_file):
-        raise PromptCorpusError(f"{flag} {prompt_file!r} is a folder; pass one txt/csv/tsv/json/jsonl/parquet file"
-                                + (" (or --prompt_dataset_name for a hub dataset)." if flag == "--prompt_file" else "."))
-    if not os.path.isfile(prompt_file):
+    """Fail in milliseconds on a prompt file that cannot be read: missing, a folder, a FIFO, a wrong suffix, binary."""
+    if not os.path.lexists(prompt_file):
         raise PromptCorpusError(f"{flag} {prompt_file!r} does not exist; pass a txt/csv/tsv/json/jsonl/parquet file.")
+    problem = _not_a_regular_file(prompt_file, flag)
+    if problem:
+        raise PromptCorpusError(problem)
     suffix = os.path.splitext(prompt_file)[1].lower()
     if suffix not in PROMPT_FILE_SUFFIXES:
         raise PromptCorpusError(f"{flag} {prompt_file!r} has an unsupported extension; use one of "
@@ -294,19 +321,33 @@ def load_prompt_corpus(prompt_file=None, prompt_dataset_name=None, prompt_column
 
     data, offsets, hashes = bytearray(), array.array("q", [0]), array.array("Q")
     category_names, category_codes = {}, array.array("i")
-    num_empty = 0
+    num_empty = num_long = longest = 0
+    flag = "--prompt_file" if prompt_file is not None else "--prompt_dataset_name"
     try:
-        for prompt, category in records:
-            prompt = "" if prompt is None else str(prompt).strip()
+        for record_number, (prompt, category) in enumerate(records, 1):
+            if prompt is not None and not isinstance(prompt, str):
+                raise PromptCorpusError(
+                    f"{flag} {source!r}: --prompt_column {prompt_column!r} holds {type(prompt).__name__} values "
+                    f"(record {record_number}: {prompt!r}), not text; pass the column that holds the prompts.")
+            prompt = "" if prompt is None else prompt.strip()
             if not prompt:
                 num_empty += 1
                 continue
+            if "\x00" in prompt:
+                raise PromptCorpusError(
+                    f"{flag} {source!r}: record {record_number} holds a NUL byte, so the file is binary or damaged "
+                    "(a prompt never contains one); repair or regenerate the file.")
+            if len(prompt) > LONG_PROMPT_CHARACTERS:
+                num_long, longest = num_long + 1, max(longest, len(prompt))
             encoded = prompt.encode("utf-8")
             data += encoded
             offsets.append(len(data))
             hashes.append(int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little"))
             if category_column is not None:
                 category_codes.append(category_names.setdefault(str(category), len(category_names)))
+    except csv.Error as error:
+        raise PromptCorpusError(f"{flag} {source!r} cannot be read as a table ({error}); repair the file or save it "
+                                "again as UTF-8 csv/tsv.") from None
     except UnicodeDecodeError as error:
         raise PromptCorpusError(
             f"--prompt_file {prompt_file!r} is not UTF-8 text (byte {error.start}: {error.reason}); convert it, e.g. "
@@ -315,7 +356,6 @@ def load_prompt_corpus(prompt_file=None, prompt_dataset_name=None, prompt_column
                     np.frombuffer(hashes, dtype=np.uint64))
     keep = _first_occurrences(raw, raw.hashes())
     if len(keep) == 0:
-        flag = "--prompt_file" if prompt_file is not None else "--prompt_dataset_name"
         raise PromptCorpusError(f"{flag} {source!r} holds no non-empty prompt; the condition corpus needs at least one.")
     categories = None
     if category_column is not None:
@@ -332,6 +372,10 @@ def load_prompt_corpus(prompt_file=None, prompt_dataset_name=None, prompt_column
     )
     if num_empty or len(keep) < len(raw):
         logger.warning("Condition corpus: %s", corpus.summary())
+    if num_long:
+        logger.warning("Condition corpus: %d prompts are longer than %d characters (the longest %d); the text encoder "
+                       "reads only the first tokens of each (77 for CLIP, about 300 characters), the rest is cut.",
+                       num_long, LONG_PROMPT_CHARACTERS, longest)
     return corpus
 
 

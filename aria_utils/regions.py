@@ -6,13 +6,13 @@ centroid; new prompts go to the nearest centroid.
 
 The index is cached in a folder: `regions.json` (human-readable metadata and the fingerprint of
 corpus content, embedding model, K and seed), `region_index.safetensors` (labels, centroids) and
-`embeddings.safetensors`. A changed fingerprint rebuilds the cache and the log says which part
-changed.
+`embeddings.safetensors`. An index of another corpus, embedding model, K or seed goes into a
+subfolder of the cache (`index-k<K>-<hash>/`), never over the one already there: several runs can
+share one cache folder, and the log says which part differs.
 
     python -m aria_utils.regions --prompt_file prompts.csv --num_regions 16 --output_dir regions
 """
 
-import argparse
 import hashlib
 import json
 import logging
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aria_utils.cli import UserInputError, argument_parser, run_cli
 from aria_utils.files import save_numpy_safetensors_atomically, write_json_atomically
 from aria_utils.prompts import TextTable
 
@@ -40,7 +41,7 @@ KMEANS_FIT_SAMPLE = 1_000_000
 EMBED_CHUNK = 65_536
 
 
-class RegionIndexError(ValueError):
+class RegionIndexError(UserInputError):
     """Bad region input; the message names the flag and the fix."""
 
 
@@ -242,6 +243,21 @@ def fingerprint_differences(old, new):
     return [label for key, label in names.items() if old.get(key) != new.get(key)]
 
 
+def index_folder(cache_dir, fingerprint):
+    """Where the index of `fingerprint` lives in `cache_dir`: the folder itself when it holds this index or none,
+    else a subfolder named after K and the fingerprint. A cache shared by several runs is never rebuilt in place
+    for another corpus, model, K or seed (a run still using it would find it changed)."""
+    cached = cached_fingerprint(cache_dir)
+    if cached is None or cached == fingerprint:
+        return cache_dir
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    folder = os.path.join(cache_dir, f"index-k{fingerprint['num_regions']}-{key}")
+    if cached_fingerprint(folder) is None:
+        logger.info("Region index: %s holds the index of another %s; this one goes to %s.", cache_dir,
+                    " and ".join(fingerprint_differences(cached, fingerprint)), folder)
+    return folder
+
+
 def build_or_load_region_index(prompts, cache_dir, model_name=DEFAULT_EMBEDDING_MODEL, num_regions=16, seed=0,
                                batch_size=128, accelerator=None):
     """The region index for this corpus/model/K/seed: reused from `cache_dir` or built.
@@ -254,15 +270,11 @@ def build_or_load_region_index(prompts, cache_dir, model_name=DEFAULT_EMBEDDING_
         raise RegionIndexError(f"--num_regions {num_regions} exceeds the {len(prompts)} distinct prompts; lower it.")
     resolve_embedding_model(model_name)
     wanted = region_fingerprint(prompts, model_name, num_regions, seed)
-    cached = cached_fingerprint(cache_dir)  # read by every process before any of them writes
-    if cached == wanted:
+    cache_dir = index_folder(cache_dir, wanted)  # read by every process before any of them writes
+    if cached_fingerprint(cache_dir) == wanted:
         logger.info("Region index: reusing the cache in %s (corpus, model, K and seed unchanged).", cache_dir)
         return load_region_index(cache_dir)
-    if cached is None:
-        logger.info("Region index: building %d regions in %s (no cache yet).", num_regions, cache_dir)
-    else:
-        logger.info("Region index: rebuilding in %s because the %s changed.", cache_dir,
-                    " and ".join(fingerprint_differences(cached, wanted)))
+    logger.info("Region index: building %d regions in %s.", num_regions, cache_dir)
     if accelerator is None or accelerator.num_processes == 1:
         device = accelerator.device if accelerator is not None else None
         index, embeddings = build_region_index(prompts, model_name, num_regions, seed, batch_size, device,
@@ -315,7 +327,7 @@ def format_region_table(index):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Build the region index of a prompt corpus ahead of training.")
+    parser = argument_parser("Build the region index of a prompt corpus ahead of training.")
     parser.add_argument("--prompt_file", required=True)
     parser.add_argument("--prompt_column", default="prompt")
     parser.add_argument("--num_regions", type=int, required=True)
@@ -323,7 +335,11 @@ def parse_args(argv=None):
     parser.add_argument("--region_embedding_model", default=DEFAULT_EMBEDDING_MODEL)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("num_regions", "batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    return args
 
 
 def main(argv=None):
@@ -333,17 +349,12 @@ def main(argv=None):
     silence_known_harmless_messages()
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.num_regions < 1:
-        raise SystemExit("--num_regions must be at least 1.")
     corpus = load_prompt_corpus(prompt_file=args.prompt_file, prompt_column=args.prompt_column)
     print(corpus.summary())
-    try:
-        index = build_or_load_region_index(corpus.prompts, args.output_dir, args.region_embedding_model,
-                                           args.num_regions, args.seed, args.batch_size)
-    except RegionIndexError as error:
-        raise SystemExit(str(error))
+    index = build_or_load_region_index(corpus.prompts, args.output_dir, args.region_embedding_model,
+                                       args.num_regions, args.seed, args.batch_size)
     print(format_region_table(index))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

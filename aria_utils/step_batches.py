@@ -29,6 +29,7 @@ from aria_utils.conditioning import (
     paired_batch_indices,
     step_generator,
 )
+from aria_utils.paired_data import PairedDataError
 
 
 class PairedMicroBatches(torch.utils.data.Dataset):
@@ -56,7 +57,12 @@ class PairedMicroBatches(torch.utils.data.Dataset):
         indices = paired_batch_indices(len(self.paired), self.batch_size, micro_index, self.process_index,
                                        self.num_processes, self.seed)
         generator = step_generator(self.seed, step, micro_step, self.process_index, DATA_STREAM)
-        latents = self.paired.latents(indices)
+        try:
+            latents = self.paired.latents(indices)
+        except PairedDataError as error:
+            # Raised here it would reach the loop wrapped in a DataLoader traceback, and on one process
+            # only: the step reports it, and every process stops together (see DistillationStep).
+            return {"micro_index": int(micro_index), "data_problem": str(error)}
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, self.num_train_timesteps, (len(indices),), generator=generator)
         replace_draw, drop_draw = condition_draws(len(indices), generator)
@@ -70,12 +76,22 @@ class PairedMicroBatches(torch.utils.data.Dataset):
                 "caption_region_ids": torch.from_numpy(self.caption_region_ids[indices])}
 
 
+def _ignore_stop_signals(worker_id):
+    """Workers leave stopping to the training process: a launcher that signals the whole process tree
+    (accelerate's does) would otherwise kill them mid-step, and the DataLoader would then abort the
+    very step whose checkpoint the signal asked for. They end when the training process does."""
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def micro_batch_loader(dataset, first_micro_index, num_workers=0, pin_memory=False):
     """Iterate micro-batches from `first_micro_index` (a resumed run starts mid-stream) to the end."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(first_micro_index, len(dataset)), num_workers=num_workers,
         pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
-        persistent_workers=False)
+        persistent_workers=False, worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
 
 
 @dataclass

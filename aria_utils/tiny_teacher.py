@@ -15,7 +15,6 @@ time ids added to the time embedding), two CLIP text encoders (the second with a
 SDXL VAE scaling factor and an Euler scheduler, as the hub checkpoint has them.
 """
 
-import argparse
 import gzip
 import importlib.util
 import json
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from aria_utils.cli import argument_parser, run_cli
 from aria_utils.files import apply_umask_tree
 
 CLIP_VOCAB_SIZE = 49408
@@ -214,7 +214,7 @@ def save_tiny_teacher(output_dir, seed=0, prediction_type="epsilon", sdxl=False)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Write a tiny SD-1.x- (or SDXL-) topology teacher pipeline folder.")
+    parser = argument_parser("Write a tiny SD-1.x- (or SDXL-) topology teacher pipeline folder.")
     parser.add_argument("--output_dir", required=True, help="Folder to write the pipeline to.")
     parser.add_argument("--seed", type=int, default=0, help="Weights are a deterministic function of it.")
     parser.add_argument(
@@ -235,4 +235,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

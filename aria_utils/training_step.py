@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from aria_utils.losses import DistillationLoss, FeatureRecorder, training_target
+from aria_utils.paired_data import PairedDataError
 
 LOGGED_TERMS = ("loss", "loss/task", "loss/kd_output", "loss/kd_feat", "random_fraction")
 
@@ -74,7 +75,12 @@ class DistillationStep:
         for micro_step in range(self.gradient_accumulation_steps):
             # Latents, noise and timesteps were prepared ahead by the loader; the conditions are drawn
             # now, from the allocation of the tracker as it stands after the previous step.
-            batch = self.assemble_micro_batch(next(self.micro_batches), global_step, micro_step, region_probabilities,
+            prepared = next(self.micro_batches)
+            # Damaged paired data stops every process at the same point, before any update of this step.
+            if not all_processes_agree(accelerator, "data_problem" not in prepared):
+                raise PairedDataError(prepared.get("data_problem", "another process read damaged paired data "
+                                                   "(its message names the shard)"))
+            batch = self.assemble_micro_batch(prepared, global_step, micro_step, region_probabilities,
                                               accelerator.device)
             prompts.extend(batch.conditions.prompts)
             noisy_latents = self.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
@@ -131,9 +137,17 @@ class DistillationStep:
                           region_probabilities=region_probabilities)
 
     def close(self):
-        """Remove the feature hooks from student and teacher."""
+        """Remove the feature hooks from student and teacher, and stop the DataLoader's workers.
+
+        The workers ignore SIGTERM (see step_batches), so they must be stopped through the loader, here,
+        before the interpreter exits: at exit multiprocessing would terminate them with that very signal
+        and wait for them forever.
+        """
         self.student_features.remove()
         self.teacher_features.remove()
+        shutdown_workers = getattr(self.micro_batches, "_shutdown_workers", None)  # the loader's own clean-up
+        if shutdown_workers is not None:
+            shutdown_workers()
 
 
 def build_distillation_step(args, accelerator, student, teacher_unet, prompt_encoder, noise_scheduler,
@@ -180,6 +194,11 @@ def build_optimizer(args, parameters, total_batch_size):
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    learning_rate = args.learning_rate * (total_batch_size if args.scale_lr else 1)
-    return optimizer_class(parameters, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    return optimizer_class(parameters, lr=optimizer_learning_rate(args, total_batch_size),
+                           betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                           eps=args.adam_epsilon)
+
+
+def optimizer_learning_rate(args, total_batch_size):
+    """--learning_rate, times the total batch with --scale_lr."""
+    return args.learning_rate * (total_batch_size if args.scale_lr else 1)

@@ -8,6 +8,8 @@ import os
 import numpy as np
 import torch
 
+from aria_utils.preemption import stop_when_preempted
+
 
 @torch.no_grad()
 def generate_images(pipeline, prompts, seed, num_inference_steps, guidance_scale, resolution, device):
@@ -15,7 +17,8 @@ def generate_images(pipeline, prompts, seed, num_inference_steps, guidance_scale
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device=device).manual_seed(seed + index)
         output = pipeline(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          height=resolution, width=resolution, generator=generator, output_type="np")
+                          height=resolution, width=resolution, generator=generator, output_type="np",
+                          callback_on_step_end=stop_when_preempted)
         images.append(output.images[0])
     return np.stack(images)
 

@@ -22,14 +22,20 @@ mkdir -p "$OUT"
 [ -d "$OUT/tiny-teacher" ] || $PY -m aria_utils.tiny_teacher "${TEACHER_FLAGS[@]+"${TEACHER_FLAGS[@]}"}" \
   --output_dir "$OUT/tiny-teacher" --seed 0
 [ -f "$OUT/data/prompts.csv" ] || $PY -m aria_utils.demo_corpus --output_dir "$OUT/data"
-# Resumable: a finished set is kept as is, an interrupted one is completed.
+# Resumable: a finished set is kept as is, an interrupted one is completed. (The test of this script makes a
+# smaller set through the two variables; the defaults are the demo's.)
 $PY -m aria_utils.generate_teacher_data \
   --pretrained_model_name_or_path "$OUT/tiny-teacher" --prompt_file "$OUT/data/prompts.csv" \
-  --category_column category --num_prompts 256 --num_inference_steps 10 --batch_size 32 --shard_size 64 \
+  --category_column category --num_prompts "${ARIA_DEMO_NUM_PROMPTS:-256}" \
+  --num_inference_steps "${ARIA_DEMO_INFERENCE_STEPS:-10}" --batch_size 32 --shard_size 64 \
   --output_dir "$OUT/teacher-data"
 
 # Re-running the demo resumes the student run from its latest checkpoint (a finished run is only re-exported);
-# delete $OUT/student, or add --overwrite_output_dir, to train it again.
+# delete $OUT/student, or add --overwrite_output_dir, to train it again (then there is nothing to resume).
+RESUME=(--resume_from_checkpoint latest)
+for flag in "$@"; do
+  if [ "$flag" = "--overwrite_output_dir" ]; then RESUME=(); fi
+done
 .venv/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
   --dynamo_backend no --num_cpu_threads_per_process 2 train_aria_distill.py \
   --pretrained_model_name_or_path "$OUT/tiny-teacher" \
@@ -41,7 +47,7 @@ $PY -m aria_utils.generate_teacher_data \
   --checkpointing_steps 100 --checkpoints_total_limit 2 \
   --validation_prompts "a photo of a cat in a meadow" "a violin on a stage" \
   --validation_steps 100 --validation_inference_steps 10 \
-  --resume_from_checkpoint latest --output_dir "$OUT/student" "$@"
+  "${RESUME[@]+"${RESUME[@]}"}" --output_dir "$OUT/student" "$@"
 
 $PY - "$OUT/student" "$PIPELINE" <<'PYEOF'
 import sys

@@ -3,8 +3,9 @@
 One table of mistakes a new user makes. Each row says where it must be caught:
 - "args": by argument validation, before the Accelerator or any model exists (run in-process:
   exit status 2 and argparse's message, which never comes with a traceback);
-- "main": inside the script, still before any model is loaded (run as a real process: non-zero exit,
-  no traceback, and no "Loading the teacher" line in its log).
+- "main": inside the script, still before any model is loaded (the script's `__main__` path run in this
+  process: a non-zero exit with a message, no other exception, and no "Loading the teacher" log line);
+- "process": the same, as a real process (no traceback in its output).
 """
 
 import json
@@ -39,6 +40,20 @@ def inputs(assets, tmp_path_factory):
     made["spreadsheet"].write_bytes(b"PK")
     made["few_prompts"] = root / "few.txt"
     made["few_prompts"].write_text("a cat\na dog\na cat\n\n")
+    made["nul_late"] = root / "nul-after-8k.txt"  # binary detection looks at the first 8 KB only
+    made["nul_late"].write_bytes(b"a photo of a cat\n" * 600 + b"a dog\x00 at night\n")
+    made["symlink_loop"] = root / "loop.txt"
+    os.symlink(made["symlink_loop"], made["symlink_loop"])
+    made["fifo"] = root / "prompts-fifo.txt"
+    os.mkfifo(made["fifo"])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    made["int_column"] = root / "ids.parquet"
+    pq.write_table(pa.table({"prompt": list(range(40)), "text": [f"a cat {i}" for i in range(40)]}), made["int_column"])
+    # The teacher's folder given as the output folder, and a copy of it (a pipeline this project did not write).
+    made["teacher_copy"] = root / "teacher-copy"
+    shutil.copytree(assets["teacher"], made["teacher_copy"])
 
     made["teacher_without_unet"] = root / "teacher-without-unet"
     shutil.copytree(assets["teacher"], made["teacher_without_unet"])
@@ -76,6 +91,10 @@ def inputs(assets, tmp_path_factory):
     (made["truncated_single_file"] / "latents.safetensors").write_bytes(first_shard[: len(first_shard) // 2])
     (made["truncated_single_file"] / "metadata.jsonl").write_text('{"caption": "x"}\n')
     # A paired set whose generation was interrupted.
+    made["wrong_count"] = root / "wrong-count"
+    shutil.copytree(assets["teacher_data"], made["wrong_count"])
+    manifest = json.loads((made["wrong_count"] / "manifest.json").read_text())
+    (made["wrong_count"] / "manifest.json").write_text(json.dumps(dict(manifest, num_latents=47)))
     made["unfinished"] = root / "unfinished"
     shutil.copytree(assets["teacher_data"], made["unfinished"])
     manifest = json.loads((made["unfinished"] / "manifest.json").read_text())
@@ -154,8 +173,28 @@ CASES = [
      ["--pretrained_model_name_or_path", "pickle", ".safetensors"]),
     ("single-file flags without a single file", "args", ["--single_file_config", "{teacher}"], {},
      ["--single_file_config", "not one"]),
+    ("output dir is the teacher's folder", "args", ["--overwrite_output_dir"], {"output_dir": "{teacher}"},
+     ["--output_dir", "is the folder of --pretrained_model_name_or_path", "Choose another --output_dir"]),
+    ("output dir holds a pipeline this project did not write", "args", ["--overwrite_output_dir"],
+     {"output_dir": "{teacher_copy}"}, ["--output_dir", "did not write", "never deleted", "choose another"]),
+    ("output dir is the paired set", "args", [], {"output_dir": "{teacher_data}"},
+     ["--output_dir", "is the folder of --train_data_dir"]),
+    ("an abbreviated secret flag", "args", ["--hub_tok", "hf_NEVER_PRINTED"], {},
+     ["unrecognized arguments: --hub_tok ***"]),
+    ("an abbreviated flag", "args", ["--learning_r", "1e-4"], {}, ["unrecognized arguments: --learning_r"]),
+    ("ARIA with eps 1 is RC", "args", ["--condition_sampling", "aria", "--aria_uniform_mix", "1"], {},
+     ["--aria_uniform_mix 1", "--condition_sampling random"]),
+    ("ARIA with one region is RC", "args", ["--condition_sampling", "aria", "--num_regions", "1"], {},
+     ["--num_regions 1", "--condition_sampling random"]),
+    ("prompt file is a symlink loop", "args", [], {"prompt_file": "{symlink_loop}"},
+     ["--prompt_file", "symbolic link that leads nowhere"]),
+    ("prompt file is a FIFO", "args", [], {"prompt_file": "{fifo}"}, ["--prompt_file", "named pipe (FIFO)"]),
+    ("manifest with a wrong total count", "args", [], {"train_data_dir": "{wrong_count}"},
+     ["--train_data_dir", "says 47 latents in shards of 16, but its 3 shards hold 48"]),
+    ("resume from a checkpoint name not in the output dir", "args", ["--resume_from_checkpoint", "checkpoint-7"], {},
+     ["--resume_from_checkpoint 'checkpoint-7' does not exist", "in --output_dir"]),
     # Caught inside the script, still before any model is loaded.
-    ("fp16 on CPU", "main", ["--mixed_precision", "fp16"], {}, ["--mixed_precision fp16 needs a GPU", "bf16"]),
+    ("fp16 on CPU", "process", ["--mixed_precision", "fp16"], {}, ["--mixed_precision fp16 needs a GPU", "bf16"]),
     ("prompt file with a header only", "main", [], {"prompt_file": "{header_only}"},
      ["--prompt_file", "no non-empty prompt"]),
     ("prompt file not UTF-8", "main", [], {"prompt_file": "{latin1}"}, ["--prompt_file", "not UTF-8", "iconv"]),
@@ -176,15 +215,20 @@ CASES = [
      {"pretrained_model_name_or_path": "{sdxl_one_encoder}"}, ["needs both text encoders", "lacks text_encoder_2/"]),
     ("KOALA student of an SD-1.x teacher", "main", ["--student_config", "koala_700m"], {},
      ["--student_config koala_700m is a KOALA student of an SDXL teacher", "use bk_base"]),
-    ("truncated shard", "main", [], {"train_data_dir": "{truncated_shard}"},
-     ["shard-00001.safetensors is truncated", "regenerate"]),
+    ("truncated shard", "args", [], {"train_data_dir": "{truncated_shard}"},
+     ["shard-00001.safetensors has", "were written (damaged or cut short)", "redoes damaged ones"]),
+    ("NUL byte after the first 8 KB of a prompt file", "main", [], {"prompt_file": "{nul_late}"},
+     ["--prompt_file", "record 601 holds a NUL byte"]),
+    ("prompt column of integers", "main", [], {"prompt_file": "{int_column}"},
+     ["--prompt_column 'prompt'", "holds int values", "not text"]),
 ]
 
 
 def fill(value, assets, inputs):
     if value is None:
         return None
-    names = dict({key: str(item) for key, item in inputs.items()}, teacher=assets["teacher"])
+    names = dict({key: str(item) for key, item in inputs.items()}, teacher=assets["teacher"],
+                 teacher_data=assets["teacher_data"])
     return value.format(**names)
 
 
@@ -200,8 +244,29 @@ def argv_of(assets, inputs, tmp_path, extra, overrides):
     return argv + [fill(item, assets, inputs) for item in extra]
 
 
+def run_main_in_process(argv, capsys):
+    """The script's `__main__` path (run_cli around parse_args and main) in this process: a subprocess per row
+    would cost a Python start and the imports, seconds each, for the same code."""
+    import signal
+
+    from accelerate.state import AcceleratorState
+
+    from aria_utils.cli import run_cli
+
+    AcceleratorState._reset_state(True)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda given: train_aria_distill.main(train_aria_distill.parse_args(given)), argv)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        AcceleratorState._reset_state(True)
+    code = exit_info.value.code
+    return code, capsys.readouterr().err + (code if isinstance(code, str) else "")
+
+
 @pytest.mark.parametrize("name, stage, extra, overrides, fragments", CASES, ids=[case[0] for case in CASES])
-def test_bad_input(name, stage, extra, overrides, fragments, assets, inputs, tmp_path, capsys, monkeypatch):
+def test_bad_input(name, stage, extra, overrides, fragments, assets, inputs, tmp_path, capsys, caplog, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # "tests/..." names a local folder, as it would in a user's checkout
     (inputs["root"] / "community.ckpt").write_bytes(b"not loaded")
     argv = argv_of(assets, inputs, tmp_path, extra, overrides)
@@ -210,7 +275,12 @@ def test_bad_input(name, stage, extra, overrides, fragments, assets, inputs, tmp
             train_aria_distill.parse_args(argv)
         assert exit_info.value.code == 2
         message = capsys.readouterr().err
-    else:
+    elif stage == "main":
+        with caplog.at_level("INFO"):
+            code, message = run_main_in_process(argv, capsys)
+        assert code not in (0, None)
+        assert "Loading the teacher" not in caplog.text and "Loading pipeline components" not in message
+    else:  # "process": one row runs as users run it, the script's own __main__ in a new process
         result = run([sys.executable, os.path.join(REPO_ROOT, "train_aria_distill.py"), *argv], expect_success=False)
         assert result.returncode not in (0, None), result.stderr[-2000:]
         message = result.stderr
@@ -218,6 +288,7 @@ def test_bad_input(name, stage, extra, overrides, fragments, assets, inputs, tmp
         assert "Loading the teacher" not in message and "Loading pipeline components" not in message
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in:\n{message[-2000:]}"
+    assert "hf_NEVER_PRINTED" not in message  # a token is never printed, however its flag is spelled
 
 
 def test_defaults_parse(assets, tmp_path):
@@ -278,13 +349,84 @@ def test_evaluate_names_a_misspelled_student(assets, tmp_path, capsys, monkeypat
 
 
 def test_fresh_run_into_a_finished_run_is_refused_and_overwrite_starts_over(assets, tmp_path):
-    """Acceptance: refused before any model loads, naming the fixes; --overwrite_output_dir replaces the run."""
+    """Acceptance: refused before any model loads, naming the fixes; --overwrite_output_dir replaces the run and
+    deletes nothing else: not a logging folder outside --output_dir, not the user's files inside it."""
     output = tmp_path / "out"
-    run(training_command(assets, output, "--checkpointing_steps", "2", steps=2))
+    elsewhere = tmp_path / "shared-logs"
+    (elsewhere / "other-project").mkdir(parents=True)
+    (elsewhere / "other-project" / "events.out.tfevents.1.other").write_bytes(b"theirs")
+    (elsewhere / "keep_me.txt").write_text("theirs")
+    logs = ["--report_to", "tensorboard", "--logging_dir", "../shared-logs"]
+    run(training_command(assets, output, "--checkpointing_steps", "2", *logs, steps=2))  # the last --report_to wins
+    ours = [path for path in elsewhere.rglob("events.out.tfevents.*") if "other-project" not in str(path)]
+    assert ours  # this run's TensorBoard events went to the external folder
+    (output / "keep_me.txt").write_text("mine")
     before = sorted(os.listdir(output))
     refused = run(training_command(assets, output, "--checkpointing_steps", "2", steps=4), expect_success=False)
     assert refused.returncode == 2 and "another run's work" in refused.stderr
     assert "Loading the teacher" not in refused.stderr and sorted(os.listdir(output)) == before
-    run(training_command(assets, output, "--checkpointing_steps", "3", "--overwrite_output_dir", steps=3))
+    run(training_command(assets, output, "--checkpointing_steps", "3", "--overwrite_output_dir", *logs, steps=3))
     assert sorted(name for name in os.listdir(output) if name.startswith("checkpoint-")) == ["checkpoint-3"]
     assert json.loads((output / "train_summary.json").read_text())["global_step"] == 3
+    assert (output / "keep_me.txt").read_text() == "mine"
+    assert (elsewhere / "keep_me.txt").exists() and all(path.exists() for path in ours)
+    assert (elsewhere / "other-project" / "events.out.tfevents.1.other").read_bytes() == b"theirs"
+
+
+# ------------------------------------------------------------------------------ every command line tool
+def cli_cases(assets, inputs, tmp_path):
+    regions = ["--num_regions", "2", "--output_dir", str(tmp_path / "regions")]
+    evaluate = ["--teacher", assets["teacher"], "--region_cache_dir", str(tmp_path / "cache"), "--output_dir",
+                str(tmp_path / "eval")]
+    generate = ["--pretrained_model_name_or_path", assets["teacher"], "--num_prompts", "2", "--output_dir",
+                str(tmp_path / "latents")]
+    return [
+        ("regions", ["--prompt_file", str(inputs["root"] / "missing.csv"), *regions], "does not exist"),
+        ("regions", ["--prompt_file", str(inputs["binary"]), *regions], "binary file"),
+        ("regions", ["--prompt_file", str(inputs["blank"]), *regions], "no non-empty prompt"),
+        ("regions", ["--prompt_file", str(inputs["fifo"]), *regions], "named pipe (FIFO)"),
+        ("regions", ["--prompt_file", assets["prompts"], "--prompt_column", "nope", *regions],
+         "--prompt_column 'nope' is not a column"),
+        ("regions", ["--prompt_file", str(inputs["nul_late"]), *regions], "holds a NUL byte"),
+        ("regions", ["--prompt_file", assets["prompts"], *regions, "--batch", "4"], "unrecognized arguments: --batch 4"),
+        ("evaluate", ["--student", assets["teacher"], "--prompt_file", str(inputs["binary"]), *evaluate],
+         "binary file"),
+        ("evaluate", ["--student", f"../../x={assets['teacher']}", "--prompt_file", assets["prompts"], *evaluate],
+         "the name '../../x' may hold letters, digits"),
+        ("generate_teacher_data", ["--prompt_file", str(inputs["int_column"]), *generate], "holds int values"),
+        ("generate_teacher_data", ["--prompt_file", str(inputs["symlink_loop"]), *generate],
+         "symbolic link that leads nowhere"),
+    ]
+
+
+CLI_NAMES = ["regions: missing file", "regions: binary file", "regions: blank file", "regions: FIFO",
+             "regions: no such column", "regions: NUL byte", "regions: abbreviation", "evaluate: binary prompt file",
+             "evaluate: a name with ../", "generate: integer prompts", "generate: symlink loop"]
+
+
+@pytest.mark.parametrize("case", range(len(CLI_NAMES)), ids=CLI_NAMES)
+def test_command_line_tools_turn_mistakes_into_messages(case, assets, inputs, tmp_path, capsys, monkeypatch):
+    """The same way as the training script: `run_cli` around each tool's main, no traceback, a non-zero status."""
+    import importlib
+
+    from aria_utils.cli import run_cli
+
+    monkeypatch.chdir(REPO_ROOT)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "regions.json").write_text("{}")
+    tool, argv, fragment = cli_cases(assets, inputs, tmp_path)[case]
+    module = importlib.import_module(f"aria_utils.{tool}")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(module.main, argv)
+    assert exit_info.value.code not in (0, None)
+    message = capsys.readouterr().err + str(exit_info.value.code)
+    assert fragment in message, message[-2000:]
+
+
+def test_a_student_path_holding_an_equals_sign_is_a_path(tmp_path):
+    from aria_utils.evaluate import parse_student
+
+    folder = tmp_path / "runs" / "lr=1e-4"
+    folder.mkdir(parents=True)
+    assert parse_student(str(folder)) == ("lr_1e-4", str(folder))
+    assert parse_student(f"rc={folder}") == ("rc", str(folder))

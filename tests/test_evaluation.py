@@ -133,10 +133,13 @@ def test_incompatible_student(eval_assets, tmp_path):
 
 
 def test_region_cache_from_another_embedding_model(eval_assets, tmp_path):
+    from aria_utils.cli import run_cli  # what `python -m aria_utils.evaluate` runs main with
+
     with pytest.raises(SystemExit, match="built with"):
-        evaluate_cli(["--teacher", eval_assets["teacher"], "--student", eval_assets["untrained"], "--prompt_file",
-                      eval_assets["heldout"], "--region_cache_dir", eval_assets["regions"], "--output_dir",
-                      str(tmp_path), "--region_embedding_model", "sentence-transformers/all-mpnet-base-v2"])
+        run_cli(evaluate_cli, ["--teacher", eval_assets["teacher"], "--student", eval_assets["untrained"],
+                               "--prompt_file", eval_assets["heldout"], "--region_cache_dir", eval_assets["regions"],
+                               "--output_dir", str(tmp_path), "--region_embedding_model",
+                               "sentence-transformers/all-mpnet-base-v2"])
 
 
 def test_training_logs_periodic_evaluation(assets, eval_assets, tmp_path):

@@ -1,4 +1,5 @@
-"""The sharded paired-data path: generation across processes and interruptions, memory-mapped reading."""
+"""The sharded paired-data path: generation across processes and interruptions, verification and repair,
+reading only a batch's rows."""
 
 import json
 import os
@@ -34,13 +35,13 @@ def read_set(path):
 
 
 # ------------------------------------------------------------------------------------------ reading
-def test_memory_mapped_reads_return_the_written_rows(tmp_path):
+def test_batch_reads_return_the_written_rows(tmp_path):
     latents = torch.randn(10, 4, 3, 3)
     captions = [f"caption {i}" for i in range(10)]
     save_paired_latents(str(tmp_path / "set"), latents, captions, shard_size=4)
     paired = load_paired_latents(str(tmp_path / "set"))
     assert len(paired) == 10 and paired.latent_shape == (4, 3, 3)
-    assert len(os.listdir(tmp_path / "set" / "shards")) == 6  # 3 shards x (latents, captions)
+    assert len(os.listdir(tmp_path / "set" / "shards")) == 9  # 3 shards x (latents, captions, their checksums)
     picked = np.array([9, 0, 5, 4, 3])  # across all three shards, out of order
     assert torch.equal(paired.latents(picked), latents[picked].half().float())  # fp16 on disk, fp32 out
     assert paired.captions.take(picked) == [captions[i] for i in picked]
@@ -65,9 +66,52 @@ def test_single_file_sets_of_earlier_versions_still_load(tmp_path):
 def test_truncated_shard_names_the_file(tmp_path):
     save_paired_latents(str(tmp_path / "set"), torch.randn(4, 4, 8, 8), ["a", "b", "c", "d"], shard_size=2)
     shard = tmp_path / "set" / "shards" / "shard-00001.safetensors"
-    shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(PairedDataError, match="shard-00001.safetensors is truncated"):
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:-100])
+    # Opening compares each file with the size recorded when it was written (no data read).
+    with pytest.raises(PairedDataError, match="shard-00001.safetensors has .* bytes, .* were written.*redoes damaged"):
         load_paired_latents(str(tmp_path / "set"))
+    # Cut short after the set was opened (while training runs): an error naming the file, not a SIGBUS.
+    shard.write_bytes(intact)
+    paired = load_paired_latents(str(tmp_path / "set"))
+    shard.write_bytes(intact[:-100])
+    with pytest.raises(PairedDataError, match="shard-00001.safetensors became shorter"):
+        paired.latents([3])
+    assert paired.latents([0, 1]).shape == (2, 4, 8, 8)  # the other shard still reads
+
+
+def test_damaged_latents_are_named_by_shard_and_index(tmp_path):
+    latents = torch.randn(6, 4, 2, 2)
+    save_paired_latents(str(tmp_path / "set"), latents, list("abcdef"), shard_size=3)
+    paired = load_paired_latents(str(tmp_path / "set"))
+    shard = tmp_path / "set" / "shards" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    row_bytes = 4 * 2 * 2 * 2
+    data[header + row_bytes: header + 2 * row_bytes] = bytes(row_bytes)  # latent 1 of shard 1 (set index 4) zeroed
+    shard.write_bytes(bytes(data))  # same size: only the checksum or the values can tell
+    with pytest.raises(PairedDataError, match=r"latent 1 of shards/shard-00001.safetensors is all zeros"):
+        paired.latents([0, 4])
+    data[header: header + 2] = b"\x00\x7e"  # float16 NaN in latent 0 of shard 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(PairedDataError, match=r"latent 0 of shards/shard-00001.safetensors is not finite"):
+        paired.latents([3])
+    manifest = json.load(open(tmp_path / "set" / MANIFEST_FILE))
+    from aria_utils.paired_data import verify_shard
+
+    assert verify_shard(str(tmp_path / "set"), manifest, 0) is None
+    assert "does not match the checksum" in verify_shard(str(tmp_path / "set"), manifest, 1)
+
+
+def test_a_manifest_whose_counts_do_not_add_up_is_refused(tmp_path):
+    from aria_utils.paired_data import check_paired_set_is_finished
+
+    save_paired_latents(str(tmp_path / "set"), torch.randn(4, 4, 2, 2), list("abcd"), shard_size=2)
+    manifest_path = tmp_path / "set" / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps(dict(manifest, num_latents=40)))
+    with pytest.raises(PairedDataError, match="says 40 latents in shards of 2, but its 2 shards hold 4"):
+        check_paired_set_is_finished(str(tmp_path / "set"))
 
 
 def test_files_are_readable_per_the_umask(tmp_path):
@@ -146,3 +190,30 @@ def test_changed_settings_into_the_same_folder_are_refused(generation):
     assert sorted(os.listdir(folder / "shards")) == before
     again = run(generation["module"] + generation["common"] + ["--output_dir", str(folder)])
     assert "nothing to do" in again.stdout  # the same command on a finished set changes nothing
+
+
+def test_a_damaged_set_is_repaired_by_running_the_generator_again(generation, capsys):
+    """A shard cut short and one zeroed in place (same size, so only the recorded checksum can tell) are found
+    by re-running the same command, and redone into exactly the set an undamaged run wrote."""
+    import shutil
+
+    folder = generation["root"] / "repaired"
+    shutil.copytree(generation["root"] / "straight", folder)
+    manifest = json.load(open(folder / MANIFEST_FILE))
+    assert all(len(shard["latents_sha256"]) == 64 for shard in manifest["shards"])  # recorded at write time
+    cut = folder / "shards" / "shard-00002.safetensors"
+    cut.write_bytes(cut.read_bytes()[:-500])
+    zeroed = folder / "shards" / "shard-00005.safetensors"
+    size = zeroed.stat().st_size
+    zeroed.write_bytes(zeroed.read_bytes()[:100] + bytes(size - 100))
+    result = run(generation["module"] + generation["common"] + ["--output_dir", str(folder)],
+                 env={"OMP_NUM_THREADS": "1"})
+    log = result.stderr + result.stdout
+    assert "Shard 2 is damaged" in log and "Shard 5 is damaged" in log and "nothing to do" not in log
+    latents, rows = read_set(generation["root"] / "straight")
+    repaired_latents, repaired_rows = read_set(folder)
+    assert rows == repaired_rows and torch.equal(latents, repaired_latents)
+    from aria_utils.generate_teacher_data import main as generate_teacher_data
+
+    generate_teacher_data(generation["common"] + ["--output_dir", str(folder)])  # verifies only: no model is loaded
+    assert "every shard verified" in capsys.readouterr().out

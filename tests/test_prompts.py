@@ -64,3 +64,29 @@ def test_unsupported_extension(tmp_path):
     path.write_text("x")
     with pytest.raises(PromptCorpusError, match="unsupported extension"):
         load_prompt_corpus(prompt_file=str(path))
+
+
+def test_a_byte_order_mark_is_dropped(tmp_path):
+    text = tmp_path / "bom.txt"
+    text.write_bytes("\ufeffa cat\na dog\n".encode("utf-8"))
+    assert list(load_prompt_corpus(prompt_file=str(text)).prompts) == ["a cat", "a dog"]
+    table = tmp_path / "bom.csv"  # as spreadsheet programs save UTF-8 csv: the header's first name keeps it otherwise
+    table.write_bytes("\ufeffprompt,category\na cat,animals\n".encode("utf-8"))
+    assert list(load_prompt_corpus(prompt_file=str(table)).prompts) == ["a cat"]
+
+
+def test_prompts_that_are_not_text_are_refused(tmp_path):
+    records = tmp_path / "ids.jsonl"
+    records.write_text('{"prompt": "a cat"}\n{"prompt": 17}\n')
+    with pytest.raises(PromptCorpusError, match=r"--prompt_column 'prompt' holds int values \(record 2: 17\)"):
+        load_prompt_corpus(prompt_file=str(records))
+
+
+def test_very_long_prompts_are_reported(tmp_path, caplog):
+    path = tmp_path / "long.txt"
+    path.write_text("a cat\n" + "word " * 20_000 + "\n")
+    with caplog.at_level("WARNING", logger="aria_utils.prompts"):
+        corpus = load_prompt_corpus(prompt_file=str(path))
+    assert len(corpus) == 2
+    assert "1 prompts are longer than 1000 characters (the longest 99999)" in caplog.text
+    assert "77 for CLIP" in caplog.text

@@ -30,8 +30,10 @@ def test_demo_command_runs_end_to_end(tmp_path, family):
     """README command 1, shortened (and its --sdxl form): every stage runs offline and the student pipeline
     loads and generates."""
     output = tmp_path / "demo"
+    # Fewer and shorter teacher generations than the demo's 256 x 10 steps: every stage still runs.
     result = run(["bash", os.path.join(REPO_ROOT, "examples", "demo.sh"), *(["--sdxl"] if family == "sdxl" else []),
-                  str(output), "--max_train_steps", "6", "--validation_steps", "3", "--checkpointing_steps", "3"])
+                  str(output), "--max_train_steps", "6", "--validation_steps", "3", "--checkpointing_steps", "3"],
+                 env={"ARIA_DEMO_NUM_PROMPTS": "64", "ARIA_DEMO_INFERENCE_STEPS": "2"})
     pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
     assert f"{pipeline} student at {output / 'student'} loads and generates" in result.stdout
     assert (output / "student" / "aria_regions.json").is_file()

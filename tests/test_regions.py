@@ -54,16 +54,21 @@ def test_nearest_centroid_assignment_of_corpus_prompts_agrees_with_labels(built_
     assert (index.assign_prompts(PROMPTS[:50], corpus_prompts=PROMPTS) == index.labels[:50]).all()
 
 
-def test_cache_reused_then_rebuilt_on_change(built_cache, caplog):
+def test_cache_reused_and_never_rebuilt_in_place(built_cache, caplog):
+    """A shared cache keeps its index; another K or corpus gets a subfolder of its own, reused next time."""
     cache, index = built_cache
     caplog.set_level(logging.INFO, logger="aria_utils.regions")
     again = build_or_load_region_index(PROMPTS, cache, num_regions=6, seed=0)
     assert "reusing the cache" in caplog.text
     assert np.array_equal(again.labels, index.labels)
     caplog.clear()
+    five = build_or_load_region_index(PROMPTS, cache, num_regions=5, seed=0)
+    assert "K (--num_regions)" in caplog.text and "index-k5-" in caplog.text
+    assert five.num_regions == 5 and load_region_index(cache).num_regions == 6  # the shared one is untouched
+    assert np.array_equal(load_region_index(cache).labels, index.labels)
+    caplog.clear()
     build_or_load_region_index(PROMPTS, cache, num_regions=5, seed=0)
-    assert "rebuilding" in caplog.text and "K (--num_regions)" in caplog.text
-    assert load_region_index(cache).num_regions == 5
+    assert "reusing the cache" in caplog.text and "index-k5-" in caplog.text
     caplog.clear()
     build_or_load_region_index(PROMPTS[:-1], cache, num_regions=5, seed=0)
     assert "corpus content" in caplog.text
@@ -83,5 +88,6 @@ def test_cli_prints_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "60 distinct prompts" in out and "1 empty and 1 duplicate" in out
     assert out.count("\n") >= 5 and "representative prompts" in out
-    with pytest.raises(SystemExit, match="at least 1"):
+    with pytest.raises(SystemExit):
         regions_cli(["--prompt_file", str(corpus), "--num_regions", "0", "--output_dir", str(tmp_path / "r")])
+    assert "--num_regions must be at least 1" in capsys.readouterr().err

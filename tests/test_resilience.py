@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,22 +95,42 @@ def test_half_written_checkpoint_is_never_latest(tmp_path):
     assert resolve_resume_checkpoint(str(tmp_path), "latest") == str(good)
 
 
-def test_latest_skips_a_damaged_checkpoint_and_another_student_is_refused(assets, tmp_path):
+def test_latest_skips_a_damaged_checkpoint_and_resume_honours_or_refuses_each_changed_flag(assets, tmp_path, capsys,
+                                                                                         caplog):
+    """README's resume table: a changed learning rate is used from the resumed step on (and recorded so); a
+    changed student, batch size or corpus is refused before anything is loaded."""
     output = tmp_path / "out"
     run(training_command(assets, output, "--checkpointing_steps", "2", steps=4))
     optimizer = output / "checkpoint-4" / "optimizer.bin"
     optimizer.write_bytes(optimizer.read_bytes()[:100])  # a copy cut short, a full disk
-    resumed = run(training_command(assets, output, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest",
-                                   steps=6))
+    resumed = run([item if item != "1e-3" else "2e-4" for item in training_command(
+        assets, output, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", steps=6)])
     assert "Skipping damaged checkpoint" in resumed.stderr and "checkpoint-4" in resumed.stderr
     assert re.search(r"Resuming from \S*checkpoint-2\b", resumed.stderr)
+    assert "--learning_rate 0.001 -> 0.0002" in resumed.stderr
     assert json.loads((output / "train_summary.json").read_text())["global_step"] == 6
+    saved = torch.load(output / "checkpoint-6" / "optimizer.bin", weights_only=True)  # Accelerate's own file
+    assert saved["param_groups"][0]["lr"] == pytest.approx(2e-4)  # used, not only recorded
+    assert json.loads((output / "training_args.json").read_text())["learning_rate"] == 2e-4
+    assert "`--learning_rate` 0.001 -> 0.0002" in (output / "README.md").read_text()
 
-    other = run(training_command(assets, output, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest",
-                                 "--student_config", "bk_tiny", steps=8), expect_success=False)
-    assert other.returncode != 0 and "Traceback" not in other.stderr
-    assert "--student_config 'bk_small' in the checkpoint, 'bk_tiny' now" in other.stderr
-    assert "Loading the teacher" not in other.stderr
+    from test_bad_input import run_main_in_process
+
+    def refused(*changes, prompts=None):
+        """The script's __main__ path in this process: refused before anything is loaded."""
+        command = training_command(dict(assets, prompts=prompts or assets["prompts"]), output, "--checkpointing_steps",
+                                   "2", "--resume_from_checkpoint", "latest", *changes, steps=8)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            code, message = run_main_in_process([item if item != "1e-3" else "2e-4" for item in command[2:]], capsys)
+        assert code not in (0, None) and "Loading the teacher" not in caplog.text
+        return message
+
+    assert "--student_config 'bk_small' in the checkpoint, 'bk_tiny' now" in refused("--student_config", "bk_tiny")
+    assert "--train_batch_size 4 in the checkpoint, 8 now" in refused("--train_batch_size", "8")
+    other_corpus = tmp_path / "other.txt"
+    other_corpus.write_text("a cat\na dog\na red car\n")
+    assert "corpus sha256" in refused(prompts=str(other_corpus))  # random conditioning draws from it
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +273,167 @@ def test_preemption_reaches_training_whichever_process_is_signalled(assets, tmp_
         assert finish.returncode == 0, finish.stderr[-3000:]
         assert f"checkpoint-{resumed_from}" in finish.stderr
         assert json.load(open(output / "train_summary.json"))["global_step"] == resumed_from + 2
+
+
+# ------------------------------------------------------------------------------ nothing lost, second round
+def wait_for_text(log_path, process, text, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if text in open(log_path, errors="replace").read():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"Run ended early:\n{open(log_path, errors='replace').read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} did not appear in time")
+
+
+@pytest.mark.parametrize("signum, moment", [(signal.SIGKILL, "step"), (signal.SIGTERM, "validation"),
+                                            (signal.SIGKILL, "validation")],
+                         ids=["kill -9 launcher during a step", "SIGTERM launcher during validation",
+                              "kill -9 launcher during validation"])
+def test_single_process_launcher_signalled_or_killed_leaves_a_checkpoint(assets, tmp_path, signum, moment):
+    """accelerate's one-process launcher pipes the training process's stderr through itself and kills it 5 s
+    after forwarding SIGTERM. Killed, its pipe breaks: the run goes on writing to a file, checkpoints and
+    exits. Signalled during a long validation: the validation stops at its next denoising step."""
+    import psutil
+
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    steps, output = 400, tmp_path / "out"
+    validation = ["--validation_prompts", "a cat", "a red car", "--validation_steps", "2",
+                  "--validation_inference_steps", "400"]
+    command = [accelerate, "launch", "--num_processes", "1", "--num_cpu_threads_per_process", "2",
+               *training_command(assets, output, "--checkpointing_steps", "1000", "--dataloader_num_workers", "1",
+                                 *(validation if moment == "validation" else []), steps=steps)[1:]]
+    log_path = tmp_path / "run.log"
+    handle = open(log_path, "w")
+    launcher = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                env=dict(os.environ, ACCELERATE_USE_CPU="1"), start_new_session=True)
+    if moment == "validation":
+        wait_for_text(log_path, launcher, "Validation at step 2")
+        time.sleep(1.0)  # well inside the 2 x 400 denoising steps
+    else:
+        wait_for_step(log_path, launcher, 3, steps)
+    trainer = training_processes(launcher.pid)[0]
+    launcher.send_signal(signum)
+    launcher.wait(timeout=120)
+    psutil.wait_procs([trainer], timeout=120)
+    handle.close()
+    log = open(log_path, errors="replace").read()
+    after = output / "output-after-broken-pipe.log"
+    if signum == signal.SIGKILL:  # the rest of the output went to the file once the pipe broke
+        log += after.read_text(errors="replace")
+    assert not trainer.is_running()
+    assert "Preempted: checkpoint-" in log, log[-3000:]
+    if moment == "validation":
+        assert "Validation at step 2 stopped by the preemption request" in log, log[-3000:]
+    checkpoints = complete_checkpoints(str(output))
+    assert len(checkpoints) == 1 and checkpoints[0][0] >= 2
+    assert resolve_resume_checkpoint(str(output), "latest") == checkpoints[0][1]
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_and_the_lock_dies_with_the_first(assets, tmp_path, capsys,
+                                                                                     caplog):
+    from aria_utils.run_folder import OutputFolderLock
+    from test_bad_input import run_main_in_process
+
+    output = tmp_path / "out"
+    command = training_command(assets, output, "--checkpointing_steps", "1000", steps=400)
+    first, handle = start(command, tmp_path / "first.log")
+    try:
+        wait_for_step(tmp_path / "first.log", first, 1, 400)
+        # A requeued job resuming "latest" while the first still runs (the script's __main__ path, in this process).
+        with caplog.at_level("INFO"):
+            code, message = run_main_in_process(command[2:] + ["--resume_from_checkpoint", "latest"], capsys)
+        assert code not in (0, None) and "is in use by another run" in message and f"pid {first.pid}" in message
+        assert "Loading the teacher" not in caplog.text
+    finally:
+        first.kill()  # SIGKILL: no clean-up, the kernel releases the lock
+        first.wait()
+        handle.close()
+    lock = OutputFolderLock(str(output))
+    assert lock.acquire() is None  # free again: the next run may start
+    lock.release()
+
+
+def test_a_shard_truncated_while_training_stops_with_its_name_and_the_generator_repairs_it(assets, tmp_path):
+    import shutil
+
+    data = tmp_path / "teacher-data"
+    shutil.copytree(assets["teacher_data"], data)
+    output = tmp_path / "out"
+    command = [item if item != assets["teacher_data"] else str(data) for item in
+               training_command(assets, output, "--checkpointing_steps", "1000", steps=400)]
+    process, handle = start(command, tmp_path / "run.log")
+    wait_for_step(tmp_path / "run.log", process, 2, 400)
+    shard = data / "shards" / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    status = process.wait(timeout=120)
+    handle.close()
+    log = open(tmp_path / "run.log", errors="replace").read()
+    assert status == 1, log[-3000:]  # an error of ours, not a SIGBUS (-7)
+    assert "shard-00001.safetensors became shorter" in log and "Traceback" not in log, log[-3000:]
+    step = complete_checkpoints(str(output))[0][0]
+    assert f"is in checkpoint-{step}" in log
+
+    from aria_utils.generate_teacher_data import main as generate_teacher_data
+
+    generate_teacher_data(["--pretrained_model_name_or_path", assets["teacher"], "--prompt_file", assets["prompts"],
+                           "--category_column", "category", "--num_prompts", "48", "--num_inference_steps", "2",
+                           "--batch_size", "8", "--shard_size", "16", "--output_dir", str(data)])
+    assert shard.read_bytes() == (Path(assets["teacher_data"]) / "shards" / "shard-00001.safetensors").read_bytes()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MB tmpfs: room for one checkpoint of the tiny student (17 MB), not two."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'not root'}): the full-disk case needs one")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_disk_full_while_checkpointing_names_the_path_keeps_nothing_and_resumes(assets, small_disk):
+    output = small_disk / "out"
+    command = training_command(assets, output, "--checkpointing_steps", "2", steps=4)
+    failed = run(command, expect_success=False)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert f"could not write checkpoint-4 in {output}: the disk is full" in failed.stderr
+    assert "GiB free" in failed.stderr and "checkpoint-2 is intact" in failed.stderr
+    assert sorted(name for name in os.listdir(output) if "checkpoint" in name) == ["checkpoint-2"]  # no leftovers
+    subprocess.run(["mount", "-o", "remount,size=96m", str(small_disk)], check=True)  # space freed
+    resumed = run(command + ["--resume_from_checkpoint", "latest"])
+    assert "Resuming from" in resumed.stderr and (output / "model_index.json").is_file()
+    assert [step for step, _ in complete_checkpoints(str(output))] == [2, 4]
+
+
+def test_read_only_output_folder_is_named_before_anything_runs(assets, small_disk, capsys):
+    import train_aria_distill
+
+    (small_disk / "out").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(SystemExit):
+        train_aria_distill.parse_args(training_command(assets, small_disk / "out")[2:])
+    assert "--output_dir" in (err := capsys.readouterr().err) and "read-only file system" in err
+
+
+def test_space_is_made_by_the_total_limit_before_writing_but_never_from_the_last_checkpoint(tmp_path, monkeypatch):
+    from aria_utils import checkpointing
+
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "training_state.json").write_text("{}")
+    usage = type("Usage", (), {"free": 10})
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: usage)
+    checkpointing.make_room(str(tmp_path), total_limit=2, needed_bytes=100)  # 6 and the new 8 stay: 2 and 4 go now
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-6"]
+    checkpointing.make_room(str(tmp_path), total_limit=1, needed_bytes=100)  # never the newest intact one
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-6"]
+    usage.free = 1000
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "training_state.json").write_text("{}")
+    checkpointing.make_room(str(tmp_path), total_limit=2, needed_bytes=100)  # room enough: pruned after, as before
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-6"]

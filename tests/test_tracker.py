@@ -199,5 +199,6 @@ def test_resume_with_another_allocation_rule_is_named_before_loading():
     now = SimpleNamespace(student_config="bk_small", student_model_name_or_path=None, use_lora=False, lora_rank=4,
                           lora_target_modules=None, use_ema=False, aria_allocation="dro")
     checkpoint_args = dict(vars(now), aria_allocation="level")
-    assert resume_mismatches(checkpoint_args, now) == ["--aria_allocation 'level' in the checkpoint, 'dro' now"]
-    assert resume_mismatches(dict(vars(now)), now) == []
+    assert resume_mismatches({"args": checkpoint_args}, now, {}) == [
+        "--aria_allocation 'level' in the checkpoint, 'dro' now (it defines the tracker state)"]
+    assert resume_mismatches({"args": dict(vars(now))}, now, {}) == []

@@ -24,7 +24,6 @@ text-encoder slots) that the training script, evaluation and generate_teacher_da
     python examples/benchmark/conditioned_teacher.py --prompt_file prompts.csv --output_dir teacher
 """
 
-import argparse
 import json
 import os
 import sys
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from aria_utils.cli import argument_parser, run_cli  # noqa: E402
 from aria_utils.prompts import load_prompt_corpus  # noqa: E402
 from aria_utils.regions import resolve_embedding_model  # noqa: E402
 
@@ -92,7 +92,7 @@ def sample_per_category(prompts, categories, per_category, seed):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--prompt_file", required=True, help="Corpus used to measure the conditioning strength.")
     parser.add_argument("--prompt_column", default="prompt")
     parser.add_argument("--category_column", default="category")
@@ -113,4 +113,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

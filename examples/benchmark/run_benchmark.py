@@ -23,7 +23,6 @@ is evaluated on the held-out prompts every few steps with the region-aware evalu
 results.md / results.json and plots into --output_dir; re-running resumes (finished runs are kept).
 """
 
-import argparse
 import copy
 import csv
 import json
@@ -39,6 +38,8 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from aria_utils.cli import argument_parser, run_cli  # noqa: E402
 
 # name -> (--condition_sampling, extra flags). Fixed before any run; the ARIA variants share one tracker.
 METHODS = {
@@ -445,7 +446,7 @@ def plot(runs, initial_record, seeds, unseen, underrepresented, output_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--setting", choices=["planted", "smooth"], default="planted",
                         help="planted: two concepts the student starts far from (ARIA's premise); smooth: the "
@@ -570,4 +571,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

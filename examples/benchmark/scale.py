@@ -17,7 +17,6 @@ large prompt file, then measures, with the tiny teacher (its UNet takes 64x64 la
 Results go to OUTPUT_DIR/results.json and results.md. Re-running reuses the written data.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -31,6 +30,7 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO_ROOT)
 
+from aria_utils.cli import argument_parser, run_cli  # noqa: E402
 from aria_utils.paired_data import new_manifest, write_manifest, write_shard  # noqa: E402
 
 LATENT_SHAPE = (4, 64, 64)  # SD-1.x at 512 px
@@ -82,7 +82,7 @@ def write_synthetic_latents(folder, num_latents, prompt_file, seed=0):
         start = index * SHARD_SIZE
         latents = torch.randn((shard["num_latents"], *LATENT_SHAPE), generator=generator).half()
         rows = [{"index": i, "caption": captions[i % len(captions)]} for i in range(start, start + len(latents))]
-        write_shard(folder, index, latents, rows)
+        manifest["shards"][index].update(write_shard(folder, index, latents, rows))
     manifest["complete"] = True
     write_manifest(folder, manifest)
     return folder
@@ -236,7 +236,7 @@ def write_report(output_dir, results):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_latents", type=int, nargs="+", default=[20_000, 200_000])
     parser.add_argument("--corpus_size", type=int, default=10_000_000, help="Prompts in the large prompt file.")
@@ -289,4 +289,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
