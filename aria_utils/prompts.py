@@ -126,9 +126,15 @@ class TextTable:
                     break
         return positions
 
-    def digest(self):
-        """sha256 of the strings in order, each followed by a newline (one pass over the packed buffer)."""
-        return hashlib.sha256(np.insert(self._data, self._offsets[1:], np.uint8(10)).tobytes()).hexdigest()
+    def digest(self, chunk=1 << 20):
+        """sha256 of the strings in order, each followed by a newline: one pass over the packed buffer, `chunk`
+        strings at a time (a copy of the whole text with the newlines would double a 10M-prompt corpus's memory)."""
+        digest = hashlib.sha256()
+        for start in range(0, len(self), chunk):
+            offsets = self._offsets[start: min(len(self), start + chunk) + 1]
+            text = self._data[offsets[0]: offsets[-1]]
+            digest.update(np.insert(text, offsets[1:] - offsets[0], np.uint8(10)).tobytes())
+        return digest.hexdigest()
 
 
 @dataclass

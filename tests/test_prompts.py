@@ -90,3 +90,16 @@ def test_very_long_prompts_are_reported(tmp_path, caplog):
     assert len(corpus) == 2
     assert "1 prompts are longer than 1000 characters (the longest 99999)" in caplog.text
     assert "77 for CLIP" in caplog.text
+
+
+def test_corpus_digest_is_the_same_in_chunks():
+    """The digest names a corpus in region caches, manifests and checkpoints: reading it in bounded chunks must
+    give the sha256 of the whole text, one newline after each prompt."""
+    import hashlib
+
+    from aria_utils.prompts import TextTable
+
+    prompts = ["a cat", "", "ünïcode é", "a dog"] * 50
+    table = TextTable.from_strings(prompts)
+    expected = hashlib.sha256("".join(prompt + "\n" for prompt in prompts).encode("utf-8")).hexdigest()
+    assert table.digest() == expected and table.digest(chunk=3) == expected
