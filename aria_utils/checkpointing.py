@@ -208,14 +208,15 @@ def checkpoint_bytes(path):
 
 
 def state_bytes(accelerator):
-    """Bytes of the models' and optimizers' tensors: what a first checkpoint will take, roughly."""
+    """Bytes of the models' parameters and the optimizers' state tensors: what a first checkpoint takes, roughly
+    (read in place: no state dict is built, which would copy or, under FSDP, gather the weights)."""
     import torch
 
     total = 0
     for model in accelerator._models:
-        total += sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+        total += sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
     for optimizer in accelerator._optimizers:
-        for state in optimizer.state_dict().get("state", {}).values():
+        for state in optimizer.state.values():
             total += sum(value.numel() * value.element_size() for value in state.values() if torch.is_tensor(value))
     return total
 
@@ -287,28 +288,22 @@ def save_checkpoint(accelerator, output_dir, step, training_state, total_limit=N
 
 
 def _write_failure_message(output_dir, step, failure, needed_bytes, previous):
-    import errno as errnos
-
-    from aria_utils.cli import DISK_FULL_ERRNOS
+    from aria_utils.cli import DISK_FULL_ERRNOS, NOT_WRITABLE_ERRNOS, free_space_text
 
     free = shutil.disk_usage(output_dir).free if os.path.isdir(output_dir) else 0
     code = getattr(failure, "errno", None)
     if code in DISK_FULL_ERRNOS or (failure is not None and free < needed_bytes * 1.05):
         reason = "the disk is full"
-    elif code in (errnos.EROFS, errnos.EACCES, errnos.EPERM):
+    elif code in NOT_WRITABLE_ERRNOS:
         reason = f"the folder cannot be written ({os.strerror(code).lower()})"
     elif failure is None:
         reason = "another process failed to write its part (its message says why)"
     else:
         reason = f"{type(failure).__name__}: {failure}"
     intact = (f"{os.path.basename(previous[-1][1])} is intact" if previous else "no earlier checkpoint exists")
-    return (f"could not write checkpoint-{step} in {output_dir}: {reason} ({free_text(free)}, a checkpoint takes about "
-            f"{needed_bytes / 1024 ** 3:.2f} GiB). Nothing of it was kept and {intact}. Free space (or choose a "
+    return (f"could not write checkpoint-{step} in {output_dir}: {reason} ({free_space_text(output_dir)}, a "
+            f"checkpoint takes about {needed_bytes / 1024 ** 3:.2f} GiB). Nothing of it was kept and {intact}. Free space (or choose a "
             "folder on a larger disk), then resume with --resume_from_checkpoint latest.")
-
-
-def free_text(free_bytes):
-    return f"{free_bytes / 1024 ** 3:.2f} GiB free"
 
 
 def remove_leftovers(output_dir):

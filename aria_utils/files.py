@@ -50,13 +50,6 @@ def write_json_atomically(path, data):
     _commit(temporary, path)
 
 
-def write_text_atomically(path, text):
-    temporary = path + TEMPORARY_SUFFIX
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    _commit(temporary, path)
-
-
 def write_bytes_atomically(path, data):
     temporary = path + TEMPORARY_SUFFIX
     with open(temporary, "wb") as handle:

@@ -205,16 +205,22 @@ def check_output_folder(output_dir, settings):
 
 
 def verify_finished_shards(output_dir, manifest, state):
-    """[(shard index, problem)] of the shards that differ from what was written: every shard of a complete set,
-    the finished-looking ones of an unfinished set. Every process reads its share (verifying reads the set once)."""
+    """[(shard index, problem)] of the shards that differ from what was written.
+
+    A complete set is verified whole (re-running the command on it is how a user checks and repairs it;
+    every process reads its share, so the set is read once). Resuming an unfinished set only compares its
+    finished shards' sizes and headers with their records: they were written atomically moments or hours
+    ago, and reading 100s of GB again at every restart of a long generation would cost more than it finds.
+    """
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    shards = range(len(manifest["shards"])) if manifest.get("complete") else finished_shards(output_dir, manifest)
+    complete = bool(manifest.get("complete"))
+    shards = range(len(manifest["shards"])) if complete else finished_shards(output_dir, manifest)
     mine = list(shards)[state.process_index :: state.num_processes]
     damaged = []
     for shard_index in tqdm(mine, desc="Verifying shards", unit="shard", disable=not state.is_main_process):
-        problem = verify_shard(output_dir, manifest, shard_index)
+        problem = verify_shard(output_dir, manifest, shard_index, read_data=complete)
         if problem:
             damaged.append((shard_index, problem))
     return sorted(gather_object(damaged)) if state.num_processes > 1 else damaged

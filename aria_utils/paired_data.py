@@ -173,8 +173,11 @@ def _file_sha256(path):
     return digest.hexdigest()
 
 
-def verify_shard(directory, manifest, shard_index):
-    """None when shard `shard_index` is what was written, else what is wrong with it (reads the whole shard)."""
+def verify_shard(directory, manifest, shard_index, read_data=True):
+    """None when shard `shard_index` is what was written, else what is wrong with it.
+
+    With `read_data` the whole shard is read (checksums, every latent finite and not all zeros); without,
+    only the file sizes and the header are compared with the record (a stat and a header read)."""
     shard = manifest["shards"][shard_index]
     latents_path = os.path.join(directory, shard["latents"])
     captions_path = os.path.join(directory, shard["captions"])
@@ -188,7 +191,7 @@ def verify_shard(directory, manifest, shard_index):
             name = os.path.relpath(path, directory)
             if os.path.getsize(path) != record[size_key]:
                 return f"{name} has {os.path.getsize(path)} bytes, {record[size_key]} were written"
-            if _file_sha256(path) != record[digest_key]:
+            if read_data and _file_sha256(path) != record[digest_key]:
                 return f"{name} does not match the checksum recorded when it was written (damaged)"
     try:
         offset, shape, dtype = tensor_location(latents_path, "latents")
@@ -196,6 +199,8 @@ def verify_shard(directory, manifest, shard_index):
         return str(error)
     if shape[0] != shard["num_latents"]:
         return f"{shard['latents']} holds {shape[0]} latents, the manifest plans {shard['num_latents']}"
+    if not read_data:
+        return None
     latents = PairedLatents([(latents_path, offset, shape[0], dtype)], None, shape[1:], directory)
     for start in range(0, shape[0], 256):
         bad = bad_latent_row(latents.read_rows(0, np.arange(start, min(shape[0], start + 256))))
@@ -308,8 +313,7 @@ class PairedLatents:
                     if len(data) != row_bytes:
                         raise PairedDataError(
                             f"{path} became shorter than its header says (latent {row} cannot be read): the file was "
-                            "truncated or replaced while training ran. Re-run the generate_teacher_data command that "
-                            "made the set (it verifies every shard and redoes damaged ones), then resume.")
+                            f"truncated or replaced while training ran; {REPAIR_HINT}, then resume.")
                     out[slot] = np.frombuffer(data, dtype=dtype).reshape(self.latent_shape)
         except FileNotFoundError:
             raise PairedDataError(f"{path} disappeared while training ran; restore the paired set, then resume.") from None
@@ -334,8 +338,7 @@ class PairedLatents:
             if bad:
                 raise PairedDataError(
                     f"--train_data_dir {self.source!r}: latent {int(local[bad[0]])} of "
-                    f"{os.path.relpath(self.files[shard][0], self.source)} {bad[1]}. Re-run the generate_teacher_data "
-                    "command that made the set (it verifies every shard and redoes damaged ones), then resume.")
+                    f"{os.path.relpath(self.files[shard][0], self.source)} {bad[1]}; {REPAIR_HINT}, then resume.")
             out[torch.from_numpy(rows)] = values
         return out
 

@@ -47,11 +47,9 @@ def launched_by_a_launcher(environ=os.environ):
 def launcher_grace_period(environ=os.environ):
     """(seconds, launcher name) the launcher waits after forwarding SIGTERM, or (None, None) without one."""
     if "TORCHELASTIC_RUN_ID" in environ:
-        value = environ.get("PET_SHUTDOWN_TIMEOUT") or environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
-        try:
-            return (int(value) if value else TORCHRUN_DEFAULT_GRACE_S), "torchrun (accelerate launch, several processes)"
-        except ValueError:
-            return TORCHRUN_DEFAULT_GRACE_S, "torchrun (accelerate launch, several processes)"
+        value = environ.get("PET_SHUTDOWN_TIMEOUT") or environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or ""
+        grace = int(value) if value.strip().isdigit() else TORCHRUN_DEFAULT_GRACE_S
+        return grace, "torchrun (accelerate launch, several processes)"
     if "ACCELERATE_MIXED_PRECISION" in environ:
         return ACCELERATE_SIMPLE_LAUNCHER_GRACE_S, "accelerate launch with one process"
     return None, None

@@ -53,6 +53,7 @@ class TextTable:
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self._hashes = None if hashes is None else np.asarray(hashes, dtype=np.uint64)  # text_hash of each string
         self._sorted_hashes = self._hash_order = None
+        self._digest = None
 
     @classmethod
     def from_strings(cls, strings):
@@ -128,7 +129,13 @@ class TextTable:
 
     def digest(self, chunk=1 << 20):
         """sha256 of the strings in order, each followed by a newline: one pass over the packed buffer, `chunk`
-        strings at a time (a copy of the whole text with the newlines would double a 10M-prompt corpus's memory)."""
+        strings at a time (a copy of the whole text with the newlines would double a 10M-prompt corpus's memory).
+        Computed once: the table never changes, and the run records it and the region index keys on it."""
+        if self._digest is None:
+            self._digest = self._compute_digest(chunk)
+        return self._digest
+
+    def _compute_digest(self, chunk):
         digest = hashlib.sha256()
         for start in range(0, len(self), chunk):
             offsets = self._offsets[start: min(len(self), start + chunk) + 1]

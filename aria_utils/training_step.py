@@ -72,14 +72,15 @@ class DistillationStep:
         statistics, prompts = None, []
         logs = dict.fromkeys(LOGGED_TERMS, 0.0)
         locally_finite = step_is_finite = True
-        for micro_step in range(self.gradient_accumulation_steps):
-            # Latents, noise and timesteps were prepared ahead by the loader; the conditions are drawn
-            # now, from the allocation of the tracker as it stands after the previous step.
-            prepared = next(self.micro_batches)
-            # Damaged paired data stops every process at the same point, before any update of this step.
-            if not all_processes_agree(accelerator, "data_problem" not in prepared):
-                raise PairedDataError(prepared.get("data_problem", "another process read damaged paired data "
-                                                   "(its message names the shard)"))
+        # Latents, noise and timesteps were prepared ahead by the loader. Damaged paired data stops every
+        # process together before this step's first forward pass (one agreement per step, not per micro-batch).
+        step_batches = [next(self.micro_batches) for _ in range(self.gradient_accumulation_steps)]
+        problems = [prepared["data_problem"] for prepared in step_batches if "data_problem" in prepared]
+        if not all_processes_agree(accelerator, not problems):
+            raise PairedDataError(problems[0] if problems else "another process read damaged paired data (its "
+                                  "message names the shard)")
+        for micro_step, prepared in enumerate(step_batches):
+            # The conditions are drawn now, from the allocation of the tracker as it stands after the previous step.
             batch = self.assemble_micro_batch(prepared, global_step, micro_step, region_probabilities,
                                               accelerator.device)
             prompts.extend(batch.conditions.prompts)

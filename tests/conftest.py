@@ -48,11 +48,83 @@ def training_command(assets, output_dir, *extra, sampling="random", steps=6):
     ]
 
 
-def run(command, expect_success=True, env=None, timeout=600):
-    full_env = dict(os.environ, **(env or {}))
-    full_env.setdefault("OMP_NUM_THREADS", "2")
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=full_env, timeout=timeout)
+TRAINING_SCRIPT = os.path.join(REPO_ROOT, "train_aria_distill.py")
+
+
+def run(command, expect_success=True, env=None, timeout=600, in_process=None):
+    """Run a command; the training script runs in this process (`run_training_in_process`) unless the test
+    asks for a process (`in_process=False`) or for another environment. What a test checks there is the
+    script's behaviour, not the launch; a Python start and its imports cost seconds per run."""
+    if in_process is None:
+        in_process = env is None and command[:2] == [sys.executable, TRAINING_SCRIPT]
+    if in_process:
+        result = run_training_in_process(command[2:])
+    else:
+        full_env = dict(os.environ, **(env or {}))
+        full_env.setdefault("OMP_NUM_THREADS", "2")
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=full_env,
+                                timeout=timeout)
     if expect_success and result.returncode != 0:
         raise AssertionError(f"Command failed ({result.returncode}): {' '.join(command)}\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-6000:]}")
     return result
+
+
+def run_training_in_process(argv):
+    """train_aria_distill.py's `__main__` path (`run_cli` around `parse_args` and `main`) in this process.
+
+    Returns what `subprocess.run` would: `returncode` (the exit status, 1 with the traceback in `stderr`
+    for an exception that would have ended the process), `stdout`, and `stderr` (the script's log lines,
+    progress bars and messages). Process-wide state the script sets is put back afterwards: Accelerate's
+    singletons, signal handlers, the preemption flag, the thread count (a launched run gets 2 threads,
+    as `run` gives its processes), the root logger's level and handlers.
+    """
+    import contextlib
+    import io
+    import logging
+    import signal
+    import traceback
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_aria_distill
+    from aria_utils import preemption
+    from aria_utils.cli import run_cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s"))
+    root = logging.getLogger()
+    saved = {"level": root.level, "threads": torch.get_num_threads(), "cwd": os.getcwd(),
+             "signals": {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}}
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    os.chdir(REPO_ROOT)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    returncode = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                run_cli(lambda given: train_aria_distill.main(train_aria_distill.parse_args(given)), list(argv))
+            except SystemExit as exit_:
+                if isinstance(exit_.code, str):
+                    stderr.write(exit_.code + "\n")
+                returncode = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            except Exception:  # what a process would print before dying with status 1
+                stderr.write(traceback.format_exc())
+                returncode = 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved["level"])
+        torch.set_num_threads(saved["threads"])
+        os.chdir(saved["cwd"])
+        for signum, previous in saved["signals"].items():
+            signal.signal(signum, previous)
+        preemption._active_flag = None
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return SimpleNamespace(returncode=returncode, stdout=stdout.getvalue(), stderr=stderr.getvalue())

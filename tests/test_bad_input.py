@@ -4,7 +4,8 @@ One table of mistakes a new user makes. Each row says where it must be caught:
 - "args": by argument validation, before the Accelerator or any model exists (run in-process:
   exit status 2 and argparse's message, which never comes with a traceback);
 - "main": inside the script, still before any model is loaded (the script's `__main__` path run in this
-  process: a non-zero exit with a message, no other exception, and no "Loading the teacher" log line);
+  process by conftest's `run_training_in_process`: a non-zero exit with a message, no traceback, and no
+  "Loading the teacher" log line);
 - "process": the same, as a real process (no traceback in its output).
 """
 
@@ -16,7 +17,7 @@ import sys
 import pytest
 
 import train_aria_distill
-from conftest import REPO_ROOT, run, training_command
+from conftest import REPO_ROOT, run, run_training_in_process, training_command
 
 
 @pytest.fixture(scope="module")
@@ -244,27 +245,6 @@ def argv_of(assets, inputs, tmp_path, extra, overrides):
     return argv + [fill(item, assets, inputs) for item in extra]
 
 
-def run_main_in_process(argv, capsys):
-    """The script's `__main__` path (run_cli around parse_args and main) in this process: a subprocess per row
-    would cost a Python start and the imports, seconds each, for the same code."""
-    import signal
-
-    from accelerate.state import AcceleratorState
-
-    from aria_utils.cli import run_cli
-
-    AcceleratorState._reset_state(True)
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            run_cli(lambda given: train_aria_distill.main(train_aria_distill.parse_args(given)), argv)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        AcceleratorState._reset_state(True)
-    code = exit_info.value.code
-    return code, capsys.readouterr().err + (code if isinstance(code, str) else "")
-
-
 @pytest.mark.parametrize("name, stage, extra, overrides, fragments", CASES, ids=[case[0] for case in CASES])
 def test_bad_input(name, stage, extra, overrides, fragments, assets, inputs, tmp_path, capsys, caplog, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # "tests/..." names a local folder, as it would in a user's checkout
@@ -277,11 +257,13 @@ def test_bad_input(name, stage, extra, overrides, fragments, assets, inputs, tmp
         message = capsys.readouterr().err
     elif stage == "main":
         with caplog.at_level("INFO"):
-            code, message = run_main_in_process(argv, capsys)
+            result = run_training_in_process(argv)
+        code, message = result.returncode, result.stderr
         assert code not in (0, None)
         assert "Loading the teacher" not in caplog.text and "Loading pipeline components" not in message
     else:  # "process": one row runs as users run it, the script's own __main__ in a new process
-        result = run([sys.executable, os.path.join(REPO_ROOT, "train_aria_distill.py"), *argv], expect_success=False)
+        result = run([sys.executable, os.path.join(REPO_ROOT, "train_aria_distill.py"), *argv], expect_success=False,
+                     in_process=False)
         assert result.returncode not in (0, None), result.stderr[-2000:]
         message = result.stderr
         assert "Traceback" not in message, message[-3000:]

@@ -7,7 +7,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import run, training_command
+from conftest import run, run_training_in_process, training_command
 
 TOKEN = "hf_aria_test_token_7f3c9d"  # must never reach a file or a log
 
@@ -216,24 +216,22 @@ def test_8bit_adam_runs_on_cpu(assets, tmp_path):
     assert "8-bit AdamW" in result.stderr and (output / "model_index.json").is_file()
 
 
-def test_teacher_quantization_refused_on_cpu(assets, tmp_path, capsys, caplog):
-    from test_bad_input import run_main_in_process  # the script's __main__ path, without a process start
-
+def test_teacher_quantization_refused_on_cpu(assets, tmp_path, caplog):
     with caplog.at_level("INFO"):
-        code, message = run_main_in_process(training_command(assets, tmp_path / "q", "--teacher_quantization",
-                                                             "8bit")[2:], capsys)
+        result = run_training_in_process(training_command(assets, tmp_path / "q", "--teacher_quantization",
+                                                          "8bit")[2:])
+    code, message = result.returncode, result.stderr
     assert code not in (0, None)
     assert "--teacher_quantization 8bit needs a CUDA GPU" in message
     assert "Loading the teacher" not in caplog.text
 
 
 def test_push_to_hub_offline_fails_before_training(assets, tmp_path, capsys, caplog, monkeypatch):
-    from test_bad_input import run_main_in_process
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with caplog.at_level("INFO"):
-        code, message = run_main_in_process(training_command(assets, tmp_path / "p", "--push_to_hub", "--hub_token",
-                                                             TOKEN)[2:], capsys)
+        result = run_training_in_process(training_command(assets, tmp_path / "p", "--push_to_hub", "--hub_token",
+                                                          TOKEN)[2:])
+    code, message = result.returncode, result.stderr
     assert code not in (0, None) and "--push_to_hub" in message and "HF_HUB_OFFLINE" in message
     assert "Teacher UNet" not in caplog.text and TOKEN not in message + caplog.text + capsys.readouterr().out
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aria_utils.checkpointing import TRAINING_STATE_FILE, complete_checkpoints, resolve_resume_checkpoint
-from conftest import REPO_ROOT, run, training_command
+from conftest import REPO_ROOT, run, run_training_in_process, training_command
 
 UNET_WEIGHTS = os.path.join("unet", "diffusion_pytorch_model.safetensors")
 
@@ -95,8 +95,7 @@ def test_half_written_checkpoint_is_never_latest(tmp_path):
     assert resolve_resume_checkpoint(str(tmp_path), "latest") == str(good)
 
 
-def test_latest_skips_a_damaged_checkpoint_and_resume_honours_or_refuses_each_changed_flag(assets, tmp_path, capsys,
-                                                                                         caplog):
+def test_latest_skips_a_damaged_checkpoint_and_resume_honours_or_refuses_each_changed_flag(assets, tmp_path, caplog):
     """README's resume table: a changed learning rate is used from the resumed step on (and recorded so); a
     changed student, batch size or corpus is refused before anything is loaded."""
     output = tmp_path / "out"
@@ -114,15 +113,14 @@ def test_latest_skips_a_damaged_checkpoint_and_resume_honours_or_refuses_each_ch
     assert json.loads((output / "training_args.json").read_text())["learning_rate"] == 2e-4
     assert "`--learning_rate` 0.001 -> 0.0002" in (output / "README.md").read_text()
 
-    from test_bad_input import run_main_in_process
-
     def refused(*changes, prompts=None):
         """The script's __main__ path in this process: refused before anything is loaded."""
         command = training_command(dict(assets, prompts=prompts or assets["prompts"]), output, "--checkpointing_steps",
                                    "2", "--resume_from_checkpoint", "latest", *changes, steps=8)
         caplog.clear()
         with caplog.at_level("INFO"):
-            code, message = run_main_in_process([item if item != "1e-3" else "2e-4" for item in command[2:]], capsys)
+            result = run_training_in_process([item if item != "1e-3" else "2e-4" for item in command[2:]])
+        code, message = result.returncode, result.stderr
         assert code not in (0, None) and "Loading the teacher" not in caplog.text
         return message
 
@@ -299,8 +297,10 @@ def test_single_process_launcher_signalled_or_killed_leaves_a_checkpoint(assets,
 
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     steps, output = 400, tmp_path / "out"
-    validation = ["--validation_prompts", "a cat", "a red car", "--validation_steps", "2",
-                  "--validation_inference_steps", "400"]
+    # Eight images of 1000 denoising steps each: many seconds of validation, so the signal cannot land after
+    # the last denoising step (where nothing is left to stop) on a fast machine.
+    validation = ["--validation_prompts", "a cat", "a red car", "a blue house", "a green tree",
+                  "--validation_steps", "2", "--validation_inference_steps", "1000"]
     command = [accelerate, "launch", "--num_processes", "1", "--num_cpu_threads_per_process", "2",
                *training_command(assets, output, "--checkpointing_steps", "1000", "--dataloader_num_workers", "1",
                                  *(validation if moment == "validation" else []), steps=steps)[1:]]
@@ -310,7 +310,7 @@ def test_single_process_launcher_signalled_or_killed_leaves_a_checkpoint(assets,
                                 env=dict(os.environ, ACCELERATE_USE_CPU="1"), start_new_session=True)
     if moment == "validation":
         wait_for_text(log_path, launcher, "Validation at step 2")
-        time.sleep(1.0)  # well inside the 2 x 400 denoising steps
+        time.sleep(0.5)  # well inside the 8 x 1000 denoising steps
     else:
         wait_for_step(log_path, launcher, 3, steps)
     trainer = training_processes(launcher.pid)[0]
@@ -331,10 +331,8 @@ def test_single_process_launcher_signalled_or_killed_leaves_a_checkpoint(assets,
     assert resolve_resume_checkpoint(str(output), "latest") == checkpoints[0][1]
 
 
-def test_a_second_run_into_a_busy_folder_is_refused_and_the_lock_dies_with_the_first(assets, tmp_path, capsys,
-                                                                                     caplog):
+def test_a_second_run_into_a_busy_folder_is_refused_and_the_lock_dies_with_the_first(assets, tmp_path, caplog):
     from aria_utils.run_folder import OutputFolderLock
-    from test_bad_input import run_main_in_process
 
     output = tmp_path / "out"
     command = training_command(assets, output, "--checkpointing_steps", "1000", steps=400)
@@ -343,7 +341,8 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_the_lock_dies_with_the_f
         wait_for_step(tmp_path / "first.log", first, 1, 400)
         # A requeued job resuming "latest" while the first still runs (the script's __main__ path, in this process).
         with caplog.at_level("INFO"):
-            code, message = run_main_in_process(command[2:] + ["--resume_from_checkpoint", "latest"], capsys)
+            result = run_training_in_process(command[2:] + ["--resume_from_checkpoint", "latest"])
+        code, message = result.returncode, result.stderr
         assert code not in (0, None) and "is in use by another run" in message and f"pid {first.pid}" in message
         assert "Loading the teacher" not in caplog.text
     finally:
