@@ -9,11 +9,12 @@
 The objective is BK-SDM's (task + output KD + feature KD). Random Conditioning replaces the caption
 of a noised latent with a corpus prompt, more often at high noise; ARIA decides which prompts, by
 sending more of them to the regions of the prompt space where the student still disagrees with the
-teacher. See README.md and METHOD.md-style notes in aria_utils/.
+teacher. See README.md and docs/method.md.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -22,16 +23,21 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from aria_utils import checkpointing, conditioning, run_folder, single_file, students
+from aria_utils.training import checkpointing
+from aria_utils.method import conditioning
+from aria_utils.training import run_folder
+from aria_utils.families import single_file
+from aria_utils.families import unet_students as students
 from aria_utils.cli import argument_parser, run_cli, writable_folder_problem
 from aria_utils.files import write_json_atomically
-from aria_utils.hub import PIPELINE_SUBFOLDERS, pretrained_source_problem
-from aria_utils.lora import trainable_parameters
-from aria_utils.paired_data import (
+from aria_utils.publishing.hub import PIPELINE_SUBFOLDERS, pretrained_source_problem
+from aria_utils.training.lora import trainable_parameters
+from aria_utils.data.paired_data import (
     PairedDataError,
     check_image_folder,
     check_paired_set_is_finished,
@@ -40,22 +46,13 @@ from aria_utils.paired_data import (
     load_image_caption_dataset,
     load_paired_latents,
 )
-from aria_utils.preemption import Preempted, PreemptionFlag, grace_period_warning, keep_console_when_pipe_breaks
-from aria_utils.prompts import PromptCorpusError, check_prompt_file, load_prompt_corpus
+from aria_utils.training.preemption import Preempted, PreemptionFlag, grace_period_warning, keep_console_when_pipe_breaks
+from aria_utils.data.prompts import PromptCorpusError, check_prompt_file, load_prompt_corpus
 from aria_utils.quiet import silence_known_harmless_messages
-from aria_utils.teacher import (
-    PromptEncoder,
-    default_time_ids,
-    is_sdxl_config,
-    load_frozen_teacher,
-    vae_scale_factor,
-)
-from aria_utils.training_step import (
-    all_processes_agree,
-    build_distillation_step,
-    build_optimizer,
-    optimizer_learning_rate,
-)
+from aria_utils.families import family_of_config, load_frozen_teacher, vae_scale_factor
+from aria_utils.method.region_tracker import RegionTrackerConfig
+from aria_utils.training.config import BatchConfig, ConditioningConfig, LossWeights, OptimizerConfig, RunConfigs
+from aria_utils.training.distillation_step import all_processes_agree, build_distillation_step, build_optimizer
 
 logger = logging.getLogger("train_aria_distill")
 
@@ -295,7 +292,7 @@ def combination_problem(args):
         return ("--aria_uniform_mix 1 puts all the weight on the base distribution, so the tracker never changes "
                 "where prompts come from: that is --condition_sampling random (with --aria_base corpus) or "
                 "region_uniform (with --aria_base uniform). Use one of those, or eps < 1.")
-    if args.condition_sampling in ("aria", "region_uniform") and args.num_regions == 1:
+    if args.condition_sampling in conditioning.REGION_SAMPLING_MODES and args.num_regions == 1:
         return (f"--num_regions 1 with --condition_sampling {args.condition_sampling}: with one region every prompt "
                 "is drawn uniformly, which is --condition_sampling random. Use K >= 2, or random.")
     if args.hub_token is not None and args.report_to in ("wandb", "all"):
@@ -345,7 +342,8 @@ def data_problem(args):
                 check_image_folder(args.train_data_dir, args.caption_column)
         except PairedDataError as error:
             return str(error)
-    if args.condition_sampling != "paired" and args.prompt_file is None and args.prompt_dataset_name is None:
+    draws_random_conditions = configs_from_args(args).conditioning.draws_random_conditions
+    if draws_random_conditions and args.prompt_file is None and args.prompt_dataset_name is None:
         return (f"--condition_sampling {args.condition_sampling} draws prompts from a condition corpus: "
                 "give --prompt_file or --prompt_dataset_name (or use --condition_sampling paired).")
     try:
@@ -409,30 +407,26 @@ def read_teacher_configs(args):
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: its "
                          f"unet/ and scheduler/ configs could not be read ({type(error).__name__}: {error}).") from None
-    if is_sdxl_config(unet_config):
-        problem = pretrained_source_problem(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
-                                            ["text_encoder_2/", "tokenizer_2/"], args.revision)
-        if problem:  # e.g. an SDXL refiner: one text encoder, the second one's conditioning
-            raise SystemExit(f"error: an SDXL teacher needs both text encoders; {problem}")
+    family = family_of_config(unet_config)
+    problem = pretrained_source_problem(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
+                                        family.required_folders(), args.revision)
+    if problem:  # e.g. an SDXL refiner: one text encoder, the second one's conditioning
+        raise SystemExit(f"error: {family.missing_folders_message}; {problem}")
     if not args.student_model_name_or_path:
         try:  # a student this teacher cannot have (bk_tiny of SDXL, KOALA of SD-1.5) fails before any loading
             students.student_config_from_teacher(unet_config, args.student_config)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
+    # DDIM (validation) offsets every timestep by steps_offset: more steps would index past the schedule.
+    most_steps = scheduler_config.get("num_train_timesteps", 1000) - scheduler_config.get("steps_offset", 0)
+    if args.validation_prompts and args.validation_inference_steps > most_steps:
+        raise SystemExit(f"error: --validation_inference_steps {args.validation_inference_steps} is more than the "
+                         f"teacher's scheduler can take (at most {most_steps}); lower it.")
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in SUPPORTED_PREDICTION_TYPES:
         raise SystemExit(f"error: the teacher's scheduler predicts {prediction_type!r}; this script trains "
                          f"{', '.join(SUPPORTED_PREDICTION_TYPES)} teachers.")
     return unet_config
-
-
-def refuse_changed_flags(resumed_state, args, run_facts, resume_path):
-    """Before anything is loaded: a flag or fact the checkpoint's state depends on must not have changed."""
-    mismatches = checkpointing.resume_mismatches(resumed_state, args, run_facts)
-    if mismatches:
-        raise SystemExit(f"error: {resume_path} was written by another configuration ({'; '.join(mismatches)}). "
-                         "Resume with the checkpoint's values (README: Resuming, which flags may change), or start a "
-                         "new run in another --output_dir.")
 
 
 def paired_set_identity(paired):
@@ -447,35 +441,6 @@ def check_batch_fits(args, num_paired, num_processes):
         raise SystemExit(f"error: --train_batch_size {args.train_batch_size} x {num_processes} process(es) = "
                          f"{global_batch} exceeds the {num_paired} paired latents, so every batch would repeat "
                          "latents: lower --train_batch_size, or generate more paired data.")
-
-
-def uses_regions(args):
-    return args.condition_sampling in ("region_uniform", "aria") or args.track_regions
-
-
-def load_quantized_teacher(teacher_path, mode, compute_dtype, load_kwargs, is_sdxl=False):
-    """Teacher UNet and text encoder(s) through bitsandbytes (GPU only; checked at start)."""
-    from diffusers import BitsAndBytesConfig as DiffusersBitsAndBytesConfig
-    from diffusers import UNet2DConditionModel
-    from transformers import AutoModel, CLIPTextModelWithProjection
-    from transformers import BitsAndBytesConfig as TransformersBitsAndBytesConfig
-
-    options = ({"load_in_8bit": True} if mode == "8bit" else
-               {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": compute_dtype})
-    unet = UNet2DConditionModel.from_pretrained(teacher_path, subfolder="unet",
-                                                quantization_config=DiffusersBitsAndBytesConfig(**options),
-                                                torch_dtype=compute_dtype, **load_kwargs)
-    text_encoders = [AutoModel.from_pretrained(teacher_path, subfolder="text_encoder",
-                                               quantization_config=TransformersBitsAndBytesConfig(**options),
-                                               **load_kwargs)]
-    if is_sdxl:
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
-            teacher_path, subfolder="text_encoder_2", quantization_config=TransformersBitsAndBytesConfig(**options),
-            **load_kwargs))
-    for model in (unet, *text_encoders):
-        model.requires_grad_(False)
-        model.eval()
-    return unet, text_encoders
 
 
 def memory_report(teacher_unet, text_encoders, student, use_8bit_adam):
@@ -557,9 +522,9 @@ def load_initial_student(args, teacher_path, teacher_unet=None, load_kwargs=None
 
 
 def write_card(args, teacher_path, teacher_unet, student, repo_id=None, resume_history=()):
-    from aria_utils.hub import looks_like_local_path
-    from aria_utils.model_card import (
-        default_license,
+    family = family_of_config(teacher_unet.config)
+    from aria_utils.publishing.hub import looks_like_local_path
+    from aria_utils.publishing.model_card import (
         hub_base_model,
         load_region_report,
         redacted_command,
@@ -577,10 +542,10 @@ def write_card(args, teacher_path, teacher_unet, student, repo_id=None, resume_h
         students.count_parameters(student), public_args(args), redacted_command(sys.argv[1:], [f"--{name}" for name in SECRET_ARGS]),
         region_report=load_region_report(args.output_dir), validation_images=[f"validation/{n}" for n in images[-1:]],
         lora=args.use_lora and not args.lora_merge, base_model=hub_base_model(teacher_path, args.hub_base_model),
-        license=args.hub_license or default_license(teacher_unet.config),
+        license=args.hub_license or family.license(teacher_unet.config),
         datasets=[name for name in (args.dataset_name, args.prompt_dataset_name)
                   if name and not looks_like_local_path(name) and not os.path.exists(name)],
-        repo_id=repo_id, sdxl=is_sdxl_config(teacher_unet.config), resume_history=resume_history)
+        repo_id=repo_id, family=family, resume_history=resume_history)
 
 
 def peak_host_memory_bytes():
@@ -608,13 +573,14 @@ def write_train_summary(path, step_times, tracker_times, total_batch_size, globa
         json.dump(summary, handle, indent=2)
 
 
-def write_process_state(output_dir, accelerator, student, tracker, conditions_digest, first_step_finished_at=None):
+def write_process_state(output_dir, accelerator, student, region_tracker, conditions_digest,
+                        first_step_finished_at=None):
     weights = hashlib.sha256()
     for name, tensor in sorted(accelerator.unwrap_model(student).state_dict().items()):
         weights.update(name.encode())
         weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     state = {"process_index": accelerator.process_index, "student_sha256": weights.hexdigest(),
-             "conditions_sha256": conditions_digest, "tracker": tracker.state_dict() if tracker is not None else None,
+             "conditions_sha256": conditions_digest, "tracker": region_tracker.state_dict() if region_tracker is not None else None,
              "peak_host_memory_bytes": peak_host_memory_bytes(), "first_step_finished_at": first_step_finished_at}
     directory = os.path.join(output_dir, "process_states")
     os.makedirs(directory, exist_ok=True)
@@ -622,21 +588,107 @@ def write_process_state(output_dir, accelerator, student, tracker, conditions_di
         json.dump(state, handle, indent=2)
 
 
-def main(args):
+def configs_from_args(args):
+    """The flags as the typed configs the units below take (one place; the benchmark calls it too)."""
+    return RunConfigs(
+        batch=BatchConfig(per_device=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                          seed=args.seed, num_workers=args.dataloader_num_workers),
+        conditioning=ConditioningConfig(
+            sampling=args.condition_sampling, schedule=args.random_conditioning_schedule,
+            strength=args.random_conditioning_lambda, text_drop_prob=args.text_drop_prob,
+            importance_weighting=args.aria_importance_weighting, track_regions=args.track_regions),
+        loss_weights=LossWeights(task=args.lambda_sd, kd_output=args.lambda_kd_output, kd_feat=args.lambda_kd_feat),
+        optimizer=OptimizerConfig(
+            learning_rate=args.learning_rate, scale_lr=args.scale_lr, betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay, epsilon=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam,
+            max_grad_norm=args.max_grad_norm),
+        region_tracker=RegionTrackerConfig(
+            base=args.aria_base, ema_decay=args.aria_ema_decay, temperature=args.aria_temperature,
+            uniform_mix=args.aria_uniform_mix, warmup_steps=args.aria_warmup_steps,
+            warmup_min_visits=args.aria_warmup_min_visits, normalize_timesteps=args.aria_normalize_timesteps,
+            timestep_buckets=args.aria_timestep_buckets, allocation=args.aria_allocation,
+            dro_step_size=args.aria_dro_step_size, progress_decay=args.aria_progress_decay),
+    )
+
+
+@dataclass
+class Run:
+    """What is decided before any weights are loaded: the processes, the output folder, what is resumed."""
+
+    args: argparse.Namespace
+    configs: RunConfigs
+    accelerator: object
+    output_claim: object  # run_folder.OutputClaim: the folder's lock, released at the end
+    uses_deepspeed: bool
+    resume_path: str = None
+    resumed_state: checkpointing.TrainingState = None
+    # What the run is beyond its flags (processes, precision, corpus, paired set); a resume must match it.
+    run_facts: dict = field(default_factory=dict)
+    hub_repo_id: str = None
+    hub_api: object = None
+    checkpoint_pusher: object = None
+
+    @property
+    def weight_dtype(self):
+        """The frozen models' dtype: the mixed-precision one."""
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
+
+    def refuse_changes(self, region_fingerprint=None):
+        """Called again as each fact becomes known: nothing the checkpoint's state depends on may have changed."""
+        if self.resumed_state is None:
+            return
+        mismatches = checkpointing.resume_mismatches(self.resumed_state, vars(self.args), self.run_facts,
+                                                     region_fingerprint)
+        if mismatches:
+            raise SystemExit(f"error: {self.resume_path} was written by another configuration "
+                             f"({'; '.join(mismatches)}). Resume with the checkpoint's values (README: Resuming, which "
+                             "flags may change), or start a new run in another --output_dir.")
+
+
+@dataclass
+class Data:
+    """The condition corpus, the paired latents (or the image dataset they are encoded from) and the regions."""
+
+    teacher_unet_config: dict = None
+    corpus: object = None
+    paired: object = None
+    image_dataset: object = None
+    region_index: object = None
+    caption_region_ids: np.ndarray = None
+
+    @property
+    def corpus_prompts(self):
+        return self.corpus.prompts if self.corpus is not None else None
+
+
+@dataclass
+class Models:
+    """The frozen teacher's components and the trainable student (with its EMA)."""
+
+    family: object
+    teacher_path: str  # a converted single file's folder, else --pretrained_model_name_or_path
+    load_kwargs: dict
+    teacher_unet: object
+    vae: object
+    noise_scheduler: object
+    text_encoders: list
+    prompt_encoder: object
+    student: object
+    ema_student: object
+    use_lora: bool
+
+    def ema_parameters(self, model):
+        # With LoRA only the adapter changes: its EMA is all there is to average (and to store).
+        return trainable_parameters(model) if self.use_lora else list(model.parameters())
+
+
+def set_up_run(args):
+    """Accelerator and logging, the output folder (one run at a time), the checkpoint to resume, the Hub repo."""
     from datetime import timedelta
 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
-    from diffusers import UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
 
-    from aria_utils.plots import region_heatmap
-    from aria_utils.tracker import RegionTracker
-    from aria_utils.validation import Validator, log_image
-
-    # ---------------------------------------------------------------- Accelerator and logging
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -655,16 +707,14 @@ def main(args):
     if args.teacher_quantization != "none" and accelerator.device.type != "cuda":
         raise SystemExit(f"--teacher_quantization {args.teacher_quantization} needs a CUDA GPU: diffusers only "
                          "quantizes with bitsandbytes on a GPU. Use --teacher_quantization none on this machine.")
-
     if args.push_to_hub:
-        from aria_utils.hub import HubError, check_hub_access
+        from aria_utils.publishing.hub import HubError, check_hub_access
 
         try:
             check_hub_access(args.hub_token)  # before minutes of loading and hours of training
         except HubError as error:
             raise SystemExit(f"error: {error}")
 
-    # ---------------------------------------------------------------- The output folder: one run at a time
     output_claim = run_folder.claim_output_dir(accelerator, args.output_dir, args.overwrite_output_dir, args.logging_dir)
     # The launcher may hold our stderr pipe; if it goes, the output continues in a file instead of killing us.
     keep_console_when_pipe_breaks(os.path.join(args.output_dir, run_folder.BROKEN_PIPE_LOG))
@@ -673,83 +723,80 @@ def main(args):
         logging.getLogger().setLevel(logging.WARNING)
     if output_claim.removed:
         logger.warning("--overwrite_output_dir: deleted %s from %s.", ", ".join(output_claim.removed), args.output_dir)
+    run = Run(args=args, configs=configs_from_args(args), accelerator=accelerator, output_claim=output_claim,
+              uses_deepspeed=uses_deepspeed,
+              run_facts={"num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision})
     # "latest" is the newest intact checkpoint (damaged newer ones are skipped with a warning).
-    resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    resumed_state = checkpointing.read_training_state(resume_path) if resume_path is not None else None
-    # What the run is, beyond its flags; a resume must match it (training_state.json records it).
-    run_facts = {"num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}
-    if resumed_state is not None:
-        refuse_changed_flags(resumed_state, args, run_facts, resume_path)
+    run.resume_path = checkpointing.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if run.resume_path is not None:
+        run.resumed_state = checkpointing.read_training_state(run.resume_path)
+    run.refuse_changes()
 
-    checkpoint_pusher = hub_repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
         from huggingface_hub import HfApi
 
-        from aria_utils.hub import CheckpointPusher, default_repo_id
+        from aria_utils.publishing.hub import CheckpointPusher, default_repo_id
 
         # Created now: checkpoint uploads need it, and the model card names its full id (namespace/name).
-        hub_api = HfApi()
-        hub_repo_id = hub_api.create_repo(default_repo_id(args.output_dir, args.hub_model_id), token=args.hub_token,
-                                          private=args.hub_private, exist_ok=True).repo_id
+        run.hub_api = HfApi()
+        run.hub_repo_id = run.hub_api.create_repo(default_repo_id(args.output_dir, args.hub_model_id),
+                                                  token=args.hub_token, private=args.hub_private, exist_ok=True).repo_id
         if args.hub_push_checkpoints:
-            checkpoint_pusher = CheckpointPusher(hub_api, hub_repo_id, token=args.hub_token)
+            run.checkpoint_pusher = CheckpointPusher(run.hub_api, run.hub_repo_id, token=args.hub_token)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
+    return run
 
-    # ---------------------------------------------------------------- Teacher configs (no weights yet), then data
-    teacher_unet_config = read_teacher_configs(args)
-    corpus = None
+
+def load_data(run):
+    """Teacher configs (no weights yet), the condition corpus, the paired latents and the region index."""
+    args, accelerator = run.args, run.accelerator
+    data = Data(teacher_unet_config=read_teacher_configs(args))
     if args.prompt_file is not None or args.prompt_dataset_name is not None:
-        corpus = load_prompt_corpus(args.prompt_file, args.prompt_dataset_name, args.prompt_column)
-        logger.info("Condition corpus: %s", corpus.summary())
-        run_facts["corpus_sha256"] = corpus.prompts.digest()
-        if uses_regions(args) and args.num_regions > len(corpus):
-            raise SystemExit(f"--num_regions {args.num_regions} exceeds the {len(corpus)} distinct prompts of the "
+        data.corpus = load_prompt_corpus(args.prompt_file, args.prompt_dataset_name, args.prompt_column)
+        logger.info("Condition corpus: %s", data.corpus.summary())
+        run.run_facts["corpus_sha256"] = data.corpus.prompts.digest()
+        if run.configs.conditioning.uses_regions and args.num_regions > len(data.corpus):
+            raise SystemExit(f"--num_regions {args.num_regions} exceeds the {len(data.corpus)} distinct prompts of the "
                              "corpus; lower --num_regions.")
-    image_dataset = None
     if is_teacher_latent_dir(args.train_data_dir):
         # Opening reads the manifest and captions, never the latents themselves.
-        paired = load_paired_latents(args.train_data_dir, max_samples=args.max_train_samples)
-        check_batch_fits(args, len(paired), accelerator.num_processes)
-        run_facts["paired_set"] = paired_set_identity(paired)
-        if teacher_unet_config is not None and paired.latent_shape[0] != teacher_unet_config["in_channels"]:
-            raise SystemExit(f"error: --train_data_dir {args.train_data_dir!r} holds {paired.latent_shape[0]}-channel "
-                             f"latents, the teacher UNet takes {teacher_unet_config['in_channels']}: it was made with "
-                             "another model; generate the paired set with this teacher.")
+        data.paired = load_paired_latents(args.train_data_dir, max_samples=args.max_train_samples)
+        check_batch_fits(args, len(data.paired), accelerator.num_processes)
+        run.run_facts["paired_set"] = paired_set_identity(data.paired)
+        in_channels = data.teacher_unet_config["in_channels"] if data.teacher_unet_config is not None else None
+        if in_channels is not None and data.paired.latent_shape[0] != in_channels:
+            raise SystemExit(f"error: --train_data_dir {args.train_data_dir!r} holds {data.paired.latent_shape[0]}-"
+                             f"channel latents, the teacher UNet takes {in_channels}: it was made with another model; "
+                             "generate the paired set with this teacher.")
     else:
-        image_dataset = load_image_caption_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir,
-                                                   args.image_column, args.caption_column, args.cache_dir,
-                                                   args.max_train_samples)
+        data.image_dataset = load_image_caption_dataset(args.dataset_name, args.dataset_config_name,
+                                                        args.train_data_dir, args.image_column, args.caption_column,
+                                                        args.cache_dir, args.max_train_samples)
+    run.refuse_changes()  # the corpus and the paired set
 
-    if resumed_state is not None:
-        refuse_changed_flags(resumed_state, args, run_facts, resume_path)  # the corpus and the paired set
+    if run.configs.conditioning.uses_regions:
+        from aria_utils.method.region_index import build_or_load_region_index, region_fingerprint
 
-    # ---------------------------------------------------------------- Regions of the condition corpus
-    region_index = None
-    if uses_regions(args):
-        from aria_utils.regions import build_or_load_region_index
-
-        if resumed_state is not None and resumed_state.get("region_fingerprint"):
-            from aria_utils.regions import fingerprint_differences, region_fingerprint
-
-            # The tracker's estimates belong to the regions it was trained with: the same K is not enough.
-            # Checked before the index is (re)built, so the checkpoint's own cache is left alone.
-            changed = fingerprint_differences(resumed_state["region_fingerprint"], region_fingerprint(
-                corpus.prompts, args.region_embedding_model, args.num_regions, args.region_seed))
-            if changed:
-                raise SystemExit(f"error: {resume_path} tracked other regions: the region index's "
-                                 f"{' and '.join(changed)} changed since. Resume with the same corpus, "
-                                 "--region_embedding_model, --num_regions and --region_seed, or start a new run.")
-        region_index = build_or_load_region_index(
-            corpus.prompts, cache_dir=args.region_cache_dir or os.path.join(args.output_dir, "regions"),
+        # Checked before the index is (re)built, so the checkpoint's own cache is left alone.
+        if run.resumed_state is not None:
+            run.refuse_changes(region_fingerprint(data.corpus.prompts, args.region_embedding_model, args.num_regions,
+                                                  args.region_seed))
+        data.region_index = build_or_load_region_index(
+            data.corpus.prompts, cache_dir=args.region_cache_dir or os.path.join(args.output_dir, "regions"),
             model_name=args.region_embedding_model, num_regions=args.num_regions, seed=args.region_seed,
             batch_size=args.region_embedding_batch_size, accelerator=accelerator,
         )
+    return data
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    # ---------------------------------------------------------------- Models
+def load_models(run):
+    """The frozen teacher (converted once when a single file), the student initialised from it, EMA, LoRA."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    args, accelerator, weight_dtype = run.args, run.accelerator, run.weight_dtype
     logger.info("Loading the teacher %s", args.pretrained_model_name_or_path)
     load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     teacher_path = args.pretrained_model_name_or_path
@@ -763,28 +810,24 @@ def main(args):
                     teacher_path)
         load_kwargs = dict(cache_dir=args.cache_dir)
     teacher = load_frozen_teacher(teacher_path, **load_kwargs)
-    tokenizers, noise_scheduler, text_encoders = teacher.tokenizers, teacher.noise_scheduler, teacher.text_encoders
-    vae, teacher_unet, is_sdxl = teacher.vae, teacher.unet, teacher.is_sdxl
-    del teacher  # the names above own the components: --teacher_quantization replaces and frees some of them
+    family, teacher_unet, text_encoders = teacher.family, teacher.unet, teacher.text_encoders
 
     student = load_initial_student(args, teacher_path, teacher_unet)
     student.train()
     logger.info("Teacher UNet %.1fM parameters, student %.1fM", students.count_parameters(teacher_unet) / 1e6,
                 students.count_parameters(student) / 1e6)
-
     if args.teacher_quantization != "none":
         # The student was initialised from the full-precision weights above; KD only needs the
         # teacher's outputs, so it now runs quantized.
         del teacher_unet, text_encoders
-        teacher_unet, text_encoders = load_quantized_teacher(teacher_path, args.teacher_quantization, weight_dtype,
-                                                             load_kwargs, is_sdxl)
-    # Prompts -> hidden states (+ SDXL's pooled embeddings and time ids): what both UNets are conditioned on.
-    prompt_encoder = PromptEncoder(tokenizers, text_encoders)
-    for frozen in (*text_encoders, vae, teacher_unet):
+        teacher.unet = teacher.text_encoders = None  # frees the full-precision weights
+        teacher_unet, text_encoders = family.load_quantized_denoiser_and_text_encoders(
+            teacher_path, args.teacher_quantization, weight_dtype, load_kwargs)
+    for frozen in (*text_encoders, teacher.vae, teacher_unet):
         if not getattr(frozen, "is_quantized", False) and not getattr(frozen, "is_loaded_in_8bit", False):
             frozen.to(accelerator.device, dtype=weight_dtype)
     if args.use_lora:
-        from aria_utils.lora import add_lora_adapter
+        from aria_utils.training.lora import add_lora_adapter
 
         # Frozen base in the compute dtype, trainable adapter in fp32 (no "unscale FP16 gradients" error).
         add_lora_adapter(student, args.lora_rank, args.lora_alpha, args.lora_target_modules, base_dtype=weight_dtype)
@@ -794,306 +837,396 @@ def main(args):
         student.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-
-    def ema_parameters(model):
-        # With LoRA only the adapter changes: its EMA is all there is to average (and to store).
-        return trainable_parameters(model) if args.use_lora else list(model.parameters())
-
-    ema_student = None
+    models = Models(family=family, teacher_path=teacher_path, load_kwargs=load_kwargs, teacher_unet=teacher_unet,
+                    vae=teacher.vae, noise_scheduler=teacher.noise_scheduler, text_encoders=text_encoders,
+                    # Prompts -> what both UNets are conditioned on (hidden states, and e.g. SDXL's pooled embeddings).
+                    prompt_encoder=family.prompt_encoder(teacher.tokenizers, text_encoders),
+                    student=student, ema_student=None, use_lora=args.use_lora)
     if args.use_ema:
-        ema_student = EMAModel(ema_parameters(student), decay=args.ema_decay,
-                               model_cls=None if args.use_lora else UNet2DConditionModel,
-                               model_config=None if args.use_lora else student.config)
-        ema_student.to(accelerator.device)
-    checkpointing.StudentCheckpointHooks(accelerator, UNet2DConditionModel, ema_student).register()
+        models.ema_student = EMAModel(models.ema_parameters(student), decay=args.ema_decay,
+                                      model_cls=None if args.use_lora else UNet2DConditionModel,
+                                      model_config=None if args.use_lora else student.config)
+        models.ema_student.to(accelerator.device)
+    checkpointing.StudentCheckpointHooks(accelerator, UNet2DConditionModel, models.ema_student).register()
+    return models
 
-    # ---------------------------------------------------------------- Paired latents
-    resolution = args.resolution or teacher_unet.config.sample_size * vae_scale_factor(vae.config)
-    if image_dataset is not None:
+
+def encode_paired_data(run, data, models):
+    """An image dataset becomes paired latents (cached); every caption gets its region."""
+    args, accelerator = run.args, run.accelerator
+    resolution = training_resolution(args, models)
+    if data.image_dataset is not None:
         with accelerator.main_process_first():
-            paired = encode_image_dataset(image_dataset, vae, args.image_column, args.caption_column, resolution,
-                                          args.train_batch_size, os.path.join(args.output_dir, "latent_cache"),
-                                          teacher_path, accelerator.device, weight_dtype,
-                                          show_progress=accelerator.is_local_main_process,
-                                          num_workers=args.dataloader_num_workers, seed=args.seed)
-        check_batch_fits(args, len(paired), accelerator.num_processes)
-        run_facts["paired_set"] = paired_set_identity(paired)
-        if resumed_state is not None:
-            refuse_changed_flags(resumed_state, args, run_facts, resume_path)
-    if paired.latent_shape[0] != teacher_unet.config.in_channels:
-        raise SystemExit(f"The paired latents have {paired.latent_shape[0]} channels, the teacher UNet expects "
-                         f"{teacher_unet.config.in_channels}: --train_data_dir was made with another model.")
-    caption_region_ids = np.full(len(paired), -1, dtype=np.int64)
-    if region_index is not None:
-        caption_region_ids = region_index.assign_prompts(paired.captions, corpus.prompts, accelerator=accelerator)
+            data.paired = encode_image_dataset(
+                data.image_dataset, models.vae, args.image_column, args.caption_column, resolution,
+                args.train_batch_size, os.path.join(args.output_dir, "latent_cache"), models.teacher_path,
+                accelerator.device, run.weight_dtype, show_progress=accelerator.is_local_main_process,
+                num_workers=args.dataloader_num_workers, seed=args.seed)
+        check_batch_fits(args, len(data.paired), accelerator.num_processes)
+        run.run_facts["paired_set"] = paired_set_identity(data.paired)
+        run.refuse_changes()
+    if data.paired.latent_shape[0] != models.teacher_unet.config.in_channels:
+        raise SystemExit(f"The paired latents have {data.paired.latent_shape[0]} channels, the teacher UNet expects "
+                         f"{models.teacher_unet.config.in_channels}: --train_data_dir was made with another model.")
+    data.caption_region_ids = np.full(len(data.paired), -1, dtype=np.int64)
+    if data.region_index is not None:
+        data.caption_region_ids = data.region_index.assign_prompts(data.paired.captions, data.corpus.prompts,
+                                                                   accelerator=accelerator)
 
-    # ---------------------------------------------------------------- Optimizer, lr schedule
-    num_processes = accelerator.num_processes
-    total_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
-    optimizer = build_optimizer(args, trainable_parameters(student), total_batch_size)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * math.ceil(len(paired) / total_batch_size)
-    # The prepared scheduler steps once per process per optimisation step.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
-                                 num_training_steps=max_train_steps * num_processes)
-    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
 
-    # ---------------------------------------------------------------- Condition sampling and tracking
-    sampler = tracker = None
-    if corpus is not None:
-        labels = region_index.labels if region_index is not None else None
-        num_regions = region_index.num_regions if region_index is not None else 1
-        sampler = conditioning.ConditionSampler(len(corpus), labels, num_regions)
-    if region_index is not None:
-        tracker = RegionTracker.from_args(args, sampler, noise_scheduler.config.num_train_timesteps)
-    region_history = []  # [(step, estimates, probabilities)] for the heat map
-    # About ten heat-map columns per validation interval: enough to draw, and bounded in every checkpoint.
-    region_history_stride = max(1, args.validation_steps // 10)
-    drawn_conditions = hashlib.sha256()  # only fed with --debug_process_states
+def training_resolution(args, models):
+    return args.resolution or models.teacher_unet.config.sample_size * vae_scale_factor(models.vae.config)
 
-    if accelerator.is_main_process and args.report_to != "none":
-        tracker_config = {key: value for key, value in public_args(args).items()
-                          if isinstance(value, (int, float, str, bool))}
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
 
-    # ---------------------------------------------------------------- Resume
-    global_step = 0
-    nonfinite_skipped = 0
-    resume_history = []  # [{"step", "changed": {flag: [before, after]}}]: flags changed on resume, honoured since
-    if resume_path is not None:
-        logger.info("Resuming from %s", resume_path)
-        state = checkpointing.load_checkpoint(accelerator, resume_path)
-        global_step = state["global_step"]
-        nonfinite_skipped = state.get("nonfinite_skipped", 0)
-        if tracker is not None:
-            tracker.load_state_dict(state["tracker"])
-        region_history = [tuple(entry) for entry in state.get("region_history", [])]
+class Trainer:
+    """Everything the loop touches, and what it does besides the step: checkpoints, validation, evaluation."""
+
+    def __init__(self, run, data, models):
+        from diffusers.optimization import get_scheduler
+
+        from aria_utils.method.region_tracker import RegionTracker
+
+        args, accelerator, configs = run.args, run.accelerator, run.configs
+        self.run, self.data, self.models, self.args, self.accelerator = run, data, models, args, accelerator
+        self.total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        optimizer = build_optimizer(configs.optimizer, trainable_parameters(models.student), self.total_batch_size)
+        self.max_train_steps = (args.max_train_steps
+                                or args.num_train_epochs * math.ceil(len(data.paired) / self.total_batch_size))
+        # The prepared scheduler steps once per process per optimisation step.
+        lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                     num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                     num_training_steps=self.max_train_steps * accelerator.num_processes)
+        self.student, self.optimizer, self.lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
+
+        self.sampler = self.region_tracker = None
+        if data.corpus is not None:
+            index = data.region_index
+            self.sampler = conditioning.ConditionSampler(len(data.corpus), index.labels if index is not None else None,
+                                                         index.num_regions if index is not None else 1)
+        if data.region_index is not None:
+            self.region_tracker = RegionTracker.from_config(configs.region_tracker, self.sampler,
+                                                            models.noise_scheduler.config.num_train_timesteps)
+        # About ten heat-map columns per validation interval: enough to draw, and bounded in every checkpoint.
+        self.region_history_stride = max(1, args.validation_steps // 10)
+        self.drawn_conditions = hashlib.sha256()  # only fed with --debug_process_states
+        if accelerator.is_main_process and args.report_to != "none":
+            config = {key: value for key, value in public_args(args).items() if isinstance(value, (int, float, str, bool))}
+            accelerator.init_trackers(args.tracker_project_name, config=config)
+        self.state = checkpointing.TrainingState(args=public_args(args), run=run.run_facts, region_fingerprint=(
+            data.region_index.fingerprint if data.region_index is not None else None))
+        self.resume()
+        self.validator = self.periodic_evaluation = None
+        if accelerator.is_main_process:
+            self.validator, self.periodic_evaluation = build_validation_and_evaluation(run, data, models)
+        self.step_times, self.tracker_times = [], []
+        self.first_step_finished_at = None  # wall clock, for start-up measurements (examples/benchmark/scale.py)
+        self.grace_period_checked = False
+        # Micro-conditioning of latents whose set stores none: generated at their own size, uncropped.
+        latent_image_size = data.paired.latent_shape[1] * vae_scale_factor(models.vae.config)
+        self.distillation_step = build_distillation_step(
+            accelerator, self.student, models.teacher_unet, models.prompt_encoder, models.noise_scheduler,
+            self.optimizer, self.lr_scheduler, data.paired, data.caption_region_ids, data.corpus_prompts, self.sampler,
+            self.region_tracker, self.max_train_steps, configs.batch, configs.conditioning, configs.loss_weights,
+            configs.optimizer.max_grad_norm, start_step=self.state.global_step, ema_student=models.ema_student,
+            ema_parameters=models.ema_parameters, weight_dtype=run.weight_dtype,
+            default_time_ids=models.prompt_encoder.default_time_ids(latent_image_size, 1))
+
+    def resume(self):
+        """Restore the checkpoint's models, optimizer, schedule, EMA, RNG and tracker; this run's flags win."""
+        run, args, state = self.run, self.args, self.state
+        if run.resume_path is None:
+            if args.resume_from_checkpoint == "latest":
+                logger.info("No checkpoint in %s yet: starting a new run.", args.output_dir)
+            return
+        logger.info("Resuming from %s", run.resume_path)
+        checkpointing.load_checkpoint(self.accelerator, run.resume_path)
+        restored = run.resumed_state
+        state.global_step, state.nonfinite_skipped = restored.global_step, restored.nonfinite_skipped
+        if self.region_tracker is not None:
+            self.region_tracker.load_state_dict(restored.tracker)
+        state.region_history = [tuple(entry) for entry in restored.region_history]
         # The restored optimizer, schedule and EMA carry the checkpoint's hyperparameters: this run's flags win.
+        optimizer_config = run.configs.optimizer
         checkpointing.apply_resumed_flags(
-            optimizer, lr_scheduler, ema_student, optimizer_learning_rate(args, total_batch_size),
-            (args.adam_beta1, args.adam_beta2), args.adam_weight_decay, args.adam_epsilon, args.ema_decay)
-        resume_history = state.get("resume_history", [])
-        changed = checkpointing.honoured_changes(state.get("args", {}), args)
+            self.optimizer, self.lr_scheduler, self.models.ema_student,
+            optimizer_config.learning_rate_for(self.total_batch_size), optimizer_config.betas,
+            optimizer_config.weight_decay, optimizer_config.epsilon, args.ema_decay)
+        state.resume_history = restored.resume_history
+        changed = checkpointing.honoured_changes(restored.args, vars(args))
         if changed:
-            logger.warning("Resuming with changed flags, honoured from step %d on: %s.", global_step,
+            logger.warning("Resuming with changed flags, honoured from step %d on: %s.", state.global_step,
                            ", ".join(f"--{name} {before!r} -> {after!r}" for name, (before, after) in changed.items()))
-            resume_history = resume_history + [{"step": global_step, "changed": {
+            state.resume_history = state.resume_history + [{"step": state.global_step, "changed": {
                 name: [before, after] for name, (before, after) in changed.items()}}]
-    elif args.resume_from_checkpoint == "latest":
-        logger.info("No checkpoint in %s yet: starting a new run.", args.output_dir)
 
-    def training_state():
-        return {
-            "global_step": global_step,
-            "nonfinite_skipped": nonfinite_skipped,
-            "tracker": tracker.state_dict() if tracker is not None else None,
-            "region_history": region_history,
-            "args": public_args(args),
-            "run": run_facts,
-            "resume_history": resume_history,
-            "region_fingerprint": region_index.fingerprint if region_index is not None else None,
-        }
+    def checkpoint_state(self):
+        return dataclasses.replace(self.state, tracker=(self.region_tracker.state_dict()
+                                                        if self.region_tracker is not None else None))
 
-    validator = None
-    if args.validation_prompts and accelerator.is_main_process:
-        validator = Validator(args.validation_prompts, teacher_unet, vae, prompt_encoder, noise_scheduler,
-                              resolution, args.seed, args.validation_inference_steps, args.validation_guidance_scale,
-                              args.output_dir, accelerator.device)
+    def save_checkpoint(self, step):
+        """checkpoint-<step>, timed: a step plus a checkpoint must fit in the launcher's grace period."""
+        started = time.perf_counter()
+        saved = checkpointing.save_checkpoint(self.accelerator, self.args.output_dir, step, self.checkpoint_state(),
+                                              self.args.checkpoints_total_limit)
+        if not self.grace_period_checked and self.step_times:
+            self.grace_period_checked = True
+            warning = grace_period_warning(float(np.median(self.step_times)), time.perf_counter() - started)
+            if warning:
+                logger.warning(warning)
+        if self.run.checkpoint_pusher is not None:
+            student_folder = "unet_lora" if self.args.use_lora else "unet"
+            self.run.checkpoint_pusher.push(os.path.join(saved, student_folder), student_folder, step)
+        return saved
 
-    periodic_evaluation = None
-    if args.eval_steps is not None and accelerator.is_main_process:
-        from aria_utils.evaluation import PeriodicEvaluation
+    def stop_on_nonfinite(self, step):
+        """--on_nonfinite stop: the last good state is checkpointed (where it still exists) and the run ends."""
+        if self.run.uses_deepspeed:
+            # DeepSpeed has already applied this step's update: the last good state is the last checkpoint.
+            raise SystemExit(f"Stopped on a non-finite loss at step {step} (--on_nonfinite stop); resume "
+                             "from the last checkpoint written before it.")
+        checkpointing.save_checkpoint(self.accelerator, self.args.output_dir, step, self.checkpoint_state(),
+                                      self.args.checkpoints_total_limit)
+        raise SystemExit(f"Stopped on a non-finite loss at step {step} (--on_nonfinite stop); "
+                         f"the last good state is in checkpoint-{step}.")
 
-        eval_prompts = load_prompt_corpus(args.eval_prompt_file, None, args.prompt_column).prompts[: args.eval_max_prompts]
-        eval_regions = (region_index.assign_prompts(eval_prompts, corpus.prompts, accelerator=accelerator)
-                        if region_index is not None else np.zeros(len(eval_prompts), dtype=np.int64))
-        periodic_evaluation = PeriodicEvaluation(
-            teacher_unet, prompt_encoder, noise_scheduler, vae, eval_prompts, eval_regions,
-            num_regions=region_index.num_regions if region_index is not None else 1,
-            num_timesteps=args.eval_num_timesteps, seed=args.seed, device=accelerator.device, dtype=weight_dtype,
-            batch_size=args.train_batch_size, output_dir=args.output_dir)
+    def record_step(self, result, step_start):
+        """After a step: counters, the region history for the heat map, timings; the logs for the trackers."""
+        state, region_tracker = self.state, self.region_tracker
+        if self.args.debug_process_states:
+            self.drawn_conditions.update("\x1f".join(result.prompts).encode("utf-8"))
+        if not result.is_finite:
+            state.nonfinite_skipped += 1
+            logger.warning("Non-finite loss at step %d: update skipped (%d so far).", state.global_step,
+                           state.nonfinite_skipped)
+            if self.args.on_nonfinite == "stop":
+                self.stop_on_nonfinite(state.global_step)
+        state.global_step += 1
+        tracker_time = result.tracker_time
+        if region_tracker is not None and (state.global_step % self.region_history_stride == 0
+                                           or self.is_validation_step() or state.global_step == self.max_train_steps):
+            tick = time.perf_counter()
+            state.region_history.append((state.global_step, region_tracker.estimates().tolist(),
+                                         region_tracker.probabilities().tolist()))
+            tracker_time += time.perf_counter() - tick
+        step_time = time.perf_counter() - step_start
+        self.step_times.append(step_time)
+        self.tracker_times.append(tracker_time)
+        if self.first_step_finished_at is None:
+            self.first_step_finished_at = time.time()
+        return dict(result.logs, lr=self.lr_scheduler.get_last_lr()[0], step_time=step_time, tracker_time=tracker_time,
+                    samples_per_second=self.total_batch_size / step_time, nonfinite_skipped=state.nonfinite_skipped)
 
-    logger.info("***** Running distillation *****")
-    logger.info("  Paired latents = %d, condition corpus = %s, sampling = %s", len(paired),
-                len(corpus) if corpus is not None else 0, args.condition_sampling)
-    logger.info("  Per-device batch = %d, processes = %d, accumulation = %d, effective batch = %d",
-                args.train_batch_size, num_processes, args.gradient_accumulation_steps, total_batch_size)
-    logger.info("  Steps = %d (starting at %d)", max_train_steps, global_step)
-
-    # ---------------------------------------------------------------- The step (data pipeline, conditions, loss)
-    # SDXL micro-conditioning of latents whose set stores none: generated at their own size, uncropped.
-    latent_image_size = paired.latent_shape[1] * vae_scale_factor(vae.config)
-    distillation_step = build_distillation_step(
-        args, accelerator, student, teacher_unet, prompt_encoder, noise_scheduler, optimizer, lr_scheduler,
-        paired, caption_region_ids, corpus.prompts if corpus is not None else None, sampler, tracker,
-        max_train_steps, start_step=global_step, ema_student=ema_student, ema_parameters=ema_parameters,
-        weight_dtype=weight_dtype, default_time_ids=default_time_ids(latent_image_size, 1)[0])
-
-    preemption = PreemptionFlag()
-    preemption.install()
-    progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)
+    def is_validation_step(self):
+        return self.state.global_step % self.args.validation_steps == 0
 
     @contextlib.contextmanager
-    def ema_weights_applied():
+    def ema_weights_applied(self):
         """Validation and evaluation look at the EMA weights when there are any, in the training precision."""
-        model = accelerator.unwrap_model(student)
+        model, ema_student = self.accelerator.unwrap_model(self.student), self.models.ema_student
         if ema_student is not None:
-            ema_student.store(ema_parameters(model))
-            ema_student.copy_to(ema_parameters(model))
+            ema_student.store(self.models.ema_parameters(model))
+            ema_student.copy_to(self.models.ema_parameters(model))
         try:
-            with accelerator.autocast():
+            with self.accelerator.autocast():
                 yield
         finally:
             if ema_student is not None:
-                ema_student.restore(ema_parameters(model))
+                ema_student.restore(self.models.ema_parameters(model))
 
-    def validate_and_plot(step):
+    def log_regions(self, step):
+        """Main process: each region's tracked discrepancy, probability and visits, one scalar each."""
+        region_tracker = self.region_tracker
+        estimates, probabilities = region_tracker.estimates(), region_tracker.probabilities()
+        logs = {}
+        for region in range(region_tracker.num_regions):
+            logs[f"aria/discrepancy/region_{region:02d}"] = estimates[region]
+            logs[f"aria/probability/region_{region:02d}"] = probabilities[region]
+            logs[f"aria/visits/region_{region:02d}"] = int(region_tracker.visits[region])
+        self.accelerator.log(logs, step=step)
+
+    def validate_and_plot(self, step):
         """Main process only, and free of collectives: the other processes do not wait here. A preemption
         stops the images at their next denoising step (the checkpoint comes first)."""
-        if validator is not None:
-            logger.info("Validation at step %d: %d prompts, teacher and student.", step, len(args.validation_prompts))
+        from aria_utils.plots import region_heatmap
+        from aria_utils.training.validation_images import log_image
+
+        if self.validator is not None:
+            logger.info("Validation at step %d: %d prompts, teacher and student.", step,
+                        len(self.args.validation_prompts))
             try:
-                with ema_weights_applied():
-                    validator.run(accelerator.unwrap_model(student), step, accelerator.trackers)
+                with self.ema_weights_applied():
+                    self.validator.run(self.accelerator.unwrap_model(self.student), step, self.accelerator.trackers)
             except Preempted:
                 logger.warning("Validation at step %d stopped by the preemption request.", step)
-        if tracker is not None and region_history and accelerator.is_main_process:
-            image = region_heatmap(region_history, os.path.join(args.output_dir, "aria_regions.png"))
-            log_image(accelerator.trackers, "aria/region_discrepancy_heatmap", image, step)
+        if self.region_tracker is not None and self.state.region_history and self.accelerator.is_main_process:
+            image = region_heatmap(self.state.region_history, os.path.join(self.args.output_dir, "aria_regions.png"))
+            log_image(self.accelerator.trackers, "aria/region_discrepancy_heatmap", image, step)
 
-    def save_checkpoint(step):
-        """checkpoint-<step>, timed: a step plus a checkpoint must fit in the launcher's grace period."""
-        nonlocal grace_period_checked
-        started = time.perf_counter()
-        saved = checkpointing.save_checkpoint(accelerator, args.output_dir, step, training_state(),
-                                              args.checkpoints_total_limit)
-        if not grace_period_checked and step_times:
-            grace_period_checked = True
-            warning = grace_period_warning(float(np.median(step_times)), time.perf_counter() - started)
-            if warning:
-                logger.warning(warning)
-        return saved
+    def evaluate(self, step):
+        """Main process: the periodic region-aware evaluation; a preemption stops it at its next batch."""
+        from aria_utils.training.validation_images import log_image
 
-    step_times, tracker_times = [], []
-    grace_period_checked = False
-    first_step_finished_at = None  # wall clock, for start-up measurements (examples/benchmark/scale.py)
+        try:
+            with self.ema_weights_applied():
+                logs, image = self.periodic_evaluation.run(self.accelerator.unwrap_model(self.student), step)
+            self.accelerator.log(logs, step=step)
+            log_image(self.accelerator.trackers, "eval/discrepancy_per_region", image, step)
+        except Preempted:
+            logger.warning("Evaluation at step %d stopped by the preemption request.", step)
+
+    def after_step(self, logs):
+        """Logs, validation and evaluation when they are due (main process)."""
+        step, accelerator = self.state.global_step, self.accelerator
+        accelerator.log(logs, step=step)
+        if self.is_validation_step() and accelerator.is_main_process:
+            if self.region_tracker is not None:
+                self.log_regions(step)
+            self.validate_and_plot(step)
+        if self.periodic_evaluation is not None and step % self.args.eval_steps == 0:
+            self.evaluate(step)
+
+
+def build_validation_and_evaluation(run, data, models):
+    """Main process: the teacher-vs-student image grids and the periodic region-aware evaluation, when asked."""
+    args, accelerator = run.args, run.accelerator
+    validator = periodic_evaluation = None
+    if args.validation_prompts:
+        from aria_utils.training.validation_images import Validator
+
+        validator = Validator(args.validation_prompts, models.teacher_unet, models.vae, models.prompt_encoder,
+                              models.noise_scheduler, training_resolution(args, models), args.seed,
+                              args.validation_inference_steps, args.validation_guidance_scale, args.output_dir,
+                              accelerator.device)
+    if args.eval_steps is not None:
+        from aria_utils.evaluation.discrepancy import PeriodicEvaluation
+
+        index = data.region_index
+        eval_prompts = load_prompt_corpus(args.eval_prompt_file, None, args.prompt_column).prompts[: args.eval_max_prompts]
+        eval_regions = (index.assign_prompts(eval_prompts, data.corpus.prompts, accelerator=accelerator)
+                        if index is not None else np.zeros(len(eval_prompts), dtype=np.int64))
+        periodic_evaluation = PeriodicEvaluation(
+            models.teacher_unet, models.prompt_encoder, models.noise_scheduler, models.vae, eval_prompts, eval_regions,
+            num_regions=index.num_regions if index is not None else 1, num_timesteps=args.eval_num_timesteps,
+            seed=args.seed, device=accelerator.device, dtype=run.weight_dtype, batch_size=args.train_batch_size,
+            output_dir=args.output_dir)
+    return validator, periodic_evaluation
+
+
+def log_run_banner(trainer):
+    args, data = trainer.args, trainer.data
+    logger.info("***** Running distillation *****")
+    logger.info("  Paired latents = %d, condition corpus = %s, sampling = %s", len(data.paired),
+                len(data.corpus) if data.corpus is not None else 0, args.condition_sampling)
+    logger.info("  Per-device batch = %d, processes = %d, accumulation = %d, effective batch = %d",
+                args.train_batch_size, trainer.accelerator.num_processes, args.gradient_accumulation_steps,
+                trainer.total_batch_size)
+    logger.info("  Steps = %d (starting at %d)", trainer.max_train_steps, trainer.state.global_step)
+
+
+def train(trainer):
+    """The training loop: one distillation step at a time until --max_train_steps, or a preemption."""
+    from tqdm.auto import tqdm
+
+    state, accelerator = trainer.state, trainer.accelerator
+    preemption = PreemptionFlag()
+    preemption.install()
+    progress_bar = tqdm(range(trainer.max_train_steps), initial=state.global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
     try:
-        while global_step < max_train_steps:
+        while state.global_step < trainer.max_train_steps:
             step_start = time.perf_counter()
             try:
-                result = distillation_step(global_step)
+                result = trainer.distillation_step(state.global_step)
             except PairedDataError as error:
-                # Raised on every process before this step's update: the state is still that of step global_step.
-                save_checkpoint(global_step)
-                raise SystemExit(f"error: {error} The state before step {global_step} is in checkpoint-{global_step}.")
-            tracker_time, logs, step_is_finite = result.tracker_time, result.logs, result.is_finite
-            if args.debug_process_states:
-                drawn_conditions.update("\x1f".join(result.prompts).encode("utf-8"))
-            if not step_is_finite:
-                nonfinite_skipped += 1
-                logger.warning("Non-finite loss at step %d: update skipped (%d so far).", global_step,
-                               nonfinite_skipped)
-                if args.on_nonfinite == "stop" and uses_deepspeed:
-                    # DeepSpeed has already applied this step's update: the last good state is the last checkpoint.
-                    raise SystemExit(f"Stopped on a non-finite loss at step {global_step} (--on_nonfinite stop); resume "
-                                     "from the last checkpoint written before it.")
-                if args.on_nonfinite == "stop":
-                    save_checkpoint(global_step)
-                    raise SystemExit(f"Stopped on a non-finite loss at step {global_step} (--on_nonfinite stop); "
-                                     f"the last good state is in checkpoint-{global_step}.")
-            global_step += 1
+                # Raised on every process before this step's update: the state is still that of this step.
+                trainer.save_checkpoint(state.global_step)
+                raise SystemExit(f"error: {error} The state before step {state.global_step} is in "
+                                 f"checkpoint-{state.global_step}.")
+            logs = trainer.record_step(result, step_start)
             progress_bar.update(1)
-
-            is_validation_step = global_step % args.validation_steps == 0
-            if tracker is not None and (global_step % region_history_stride == 0 or is_validation_step
-                                        or global_step == max_train_steps):
-                tick = time.perf_counter()
-                estimates, probabilities = tracker.estimates(), tracker.probabilities()
-                region_history.append((global_step, estimates.tolist(), probabilities.tolist()))
-                tracker_time += time.perf_counter() - tick
-            step_time = time.perf_counter() - step_start
-            step_times.append(step_time)
-            if first_step_finished_at is None:
-                first_step_finished_at = time.time()
-            tracker_times.append(tracker_time)
-            logs.update({"lr": lr_scheduler.get_last_lr()[0], "step_time": step_time, "tracker_time": tracker_time,
-                         "samples_per_second": total_batch_size / step_time, "nonfinite_skipped": nonfinite_skipped})
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            accelerator.log(logs, step=global_step)
-
-            if is_validation_step and accelerator.is_main_process:
-                if tracker is not None:
-                    region_logs = {}
-                    for region in range(tracker.num_regions):
-                        region_logs[f"aria/discrepancy/region_{region:02d}"] = estimates[region]
-                        region_logs[f"aria/probability/region_{region:02d}"] = probabilities[region]
-                        region_logs[f"aria/visits/region_{region:02d}"] = int(tracker.visits[region])
-                    accelerator.log(region_logs, step=global_step)
-                validate_and_plot(global_step)
-            if periodic_evaluation is not None and global_step % args.eval_steps == 0:
-                try:
-                    with ema_weights_applied():
-                        eval_logs, eval_image = periodic_evaluation.run(accelerator.unwrap_model(student), global_step)
-                    accelerator.log(eval_logs, step=global_step)
-                    log_image(accelerator.trackers, "eval/discrepancy_per_region", eval_image, global_step)
-                except Preempted:
-                    logger.warning("Evaluation at step %d stopped by the preemption request.", global_step)
+            trainer.after_step(logs)
 
             # Every process must agree to stop at the same step: checkpointing is collective.
             stop_now = not all_processes_agree(accelerator, not preemption.requested)
-            if global_step % args.checkpointing_steps == 0 or stop_now:
-                saved = save_checkpoint(global_step)
-                if checkpoint_pusher is not None:
-                    student_folder = "unet_lora" if args.use_lora else "unet"
-                    checkpoint_pusher.push(os.path.join(saved, student_folder), student_folder, global_step)
+            if state.global_step % trainer.args.checkpointing_steps == 0 or stop_now:
+                trainer.save_checkpoint(state.global_step)
             if stop_now:
-                logger.warning("Preempted: checkpoint-%d written; resume with --resume_from_checkpoint latest.", global_step)
+                logger.warning("Preempted: checkpoint-%d written; resume with --resume_from_checkpoint latest.",
+                               state.global_step)
                 accelerator.end_training()
                 raise SystemExit(preemption.exit_status)
     finally:
-        distillation_step.close()  # hooks removed, DataLoader workers stopped, however the loop ends
+        trainer.distillation_step.close()  # hooks removed, DataLoader workers stopped, however the loop ends
 
-    # ---------------------------------------------------------------- Final pipeline
+
+def finish(trainer):
+    """The student pipeline (EMA weights, LoRA merged or beside), reports, the model card, the Hub upload."""
+    run, models, args, accelerator, state = trainer.run, trainer.models, trainer.args, trainer.accelerator, trainer.state
     if args.debug_process_states:
-        write_process_state(args.output_dir, accelerator, student, tracker, drawn_conditions.hexdigest(),
-                            first_step_finished_at)
+        write_process_state(args.output_dir, accelerator, trainer.student, trainer.region_tracker,
+                            trainer.drawn_conditions.hexdigest(), trainer.first_step_finished_at)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final_student = accelerator.unwrap_model(student)
-        if ema_student is not None:
-            ema_student.copy_to(ema_parameters(final_student))
-        if args.use_lora:
-            from aria_utils.export import save_lora_student
+        final_student = accelerator.unwrap_model(trainer.student)
+        if models.ema_student is not None:
+            models.ema_student.copy_to(models.ema_parameters(final_student))
+        save_student(args, models, final_student)
+        if trainer.region_tracker is not None:
+            from aria_utils.method.region_index import write_region_report
 
-            base_student = load_initial_student(args, teacher_path, load_kwargs=load_kwargs)
-            save_lora_student(final_student, base_student, teacher_path, args.output_dir, load_kwargs, args.lora_merge)
-        else:
-            from aria_utils.export import save_student_pipeline
-
-            save_student_pipeline(final_student, teacher_path, args.output_dir, load_kwargs)
-        if tracker is not None:
-            from aria_utils.regions import write_region_report
-
-            write_region_report(os.path.join(args.output_dir, "aria_regions.json"), region_index, tracker)
-            validate_and_plot(global_step)
+            write_region_report(os.path.join(args.output_dir, "aria_regions.json"), trainer.data.region_index,
+                                trainer.region_tracker)
+            trainer.validate_and_plot(state.global_step)
         write_json_atomically(os.path.join(args.output_dir, "training_args.json"), public_args(args))
-        write_train_summary(os.path.join(args.output_dir, "train_summary.json"), step_times, tracker_times,
-                            total_batch_size, global_step, nonfinite_skipped, first_step_finished_at)
+        write_train_summary(os.path.join(args.output_dir, "train_summary.json"), trainer.step_times,
+                            trainer.tracker_times, trainer.total_batch_size, state.global_step,
+                            state.nonfinite_skipped, trainer.first_step_finished_at)
         # The card names the teacher as the user gave it (hub id, folder or file), not its converted copy.
-        write_card(args, args.pretrained_model_name_or_path, teacher_unet, accelerator.unwrap_model(student),
-                   hub_repo_id, resume_history)
-        if checkpoint_pusher is not None:  # finished before the final upload: one commit at a time
-            for failure in checkpoint_pusher.finish():
-                logger.warning("A checkpoint push to the Hub failed (%s); the local checkpoint is intact.", failure)
-        if args.push_to_hub:
-            from aria_utils.hub import push_output_folder
-
-            push_output_folder(hub_api, args.output_dir, hub_repo_id, token=args.hub_token, private=args.hub_private)
-            logger.info("Pushed %s to the Hub as %s", args.output_dir, hub_repo_id)
+        write_card(args, args.pretrained_model_name_or_path, models.teacher_unet, final_student, run.hub_repo_id,
+                   state.resume_history)
+        push_to_hub(run)
         run_folder.apply_umask_to_outputs(args.output_dir)
         logger.info("Student pipeline saved to %s", args.output_dir)
     accelerator.end_training()
-    output_claim.release()
+    run.output_claim.release()
+
+
+def save_student(args, models, final_student):
+    if args.use_lora:
+        from aria_utils.publishing.export import save_lora_student
+
+        base_student = load_initial_student(args, models.teacher_path, load_kwargs=models.load_kwargs)
+        save_lora_student(final_student, base_student, models.teacher_path, args.output_dir, models.load_kwargs,
+                          args.lora_merge)
+    else:
+        from aria_utils.publishing.export import save_student_pipeline
+
+        save_student_pipeline(final_student, models.teacher_path, args.output_dir, models.load_kwargs)
+
+
+def push_to_hub(run):
+    args = run.args
+    if run.checkpoint_pusher is not None:  # finished before the final upload: one commit at a time
+        for failure in run.checkpoint_pusher.finish():
+            logger.warning("A checkpoint push to the Hub failed (%s); the local checkpoint is intact.", failure)
+    if args.push_to_hub:
+        from aria_utils.publishing.hub import push_output_folder
+
+        push_output_folder(run.hub_api, args.output_dir, run.hub_repo_id, token=args.hub_token,
+                           private=args.hub_private)
+        logger.info("Pushed %s to the Hub as %s", args.output_dir, run.hub_repo_id)
+
+
+def main(args):
+    run = set_up_run(args)  # processes, logging, the output folder, what is resumed
+    data = load_data(run)  # corpus, paired latents, regions: checked before any weights are loaded
+    models = load_models(run)  # frozen teacher, student, EMA
+    encode_paired_data(run, data, models)
+    trainer = Trainer(run, data, models)  # optimizer, schedule, tracker, resume, validation, the step
+    log_run_banner(trainer)
+    train(trainer)
+    finish(trainer)
 
 
 if __name__ == "__main__":

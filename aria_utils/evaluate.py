@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from aria_utils.cli import argument_parser, run_cli
-from aria_utils.evaluation import (
+from aria_utils.evaluation.discrepancy import (
     DiscrepancyEvaluator,
     EvaluationError,
     EvaluationSetup,
@@ -32,8 +32,8 @@ from aria_utils.evaluation import (
     region_labels,
     summarise_discrepancy,
 )
-from aria_utils.hub import pretrained_source_problem
-from aria_utils.prompts import PromptCorpusError, check_prompt_file
+from aria_utils.publishing.hub import pretrained_source_problem
+from aria_utils.data.prompts import PromptCorpusError, check_prompt_file
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def parse_args(argv=None):
     parser.add_argument("--prompt_column", default="prompt")
     parser.add_argument("--category_column", default=None)
     parser.add_argument("--max_prompts", type=int, default=None, help="Evaluate the first N prompts only.")
-    parser.add_argument("--region_cache_dir", required=True, help="Region index from training or aria_utils.regions.")
+    parser.add_argument("--region_cache_dir", required=True, help="Region index from training or aria_utils.method.region_index.")
     parser.add_argument("--region_embedding_model", default=None,
                         help="Embedding model the region cache must have been built with (checked).")
     parser.add_argument("--paired_data_dir", default=None,
@@ -89,7 +89,7 @@ def parse_args(argv=None):
         parser.error(str(error))
     if not os.path.isfile(os.path.join(args.region_cache_dir, "regions.json")):
         parser.error(f"--region_cache_dir {args.region_cache_dir!r} holds no region index (regions.json); build one "
-                     "with python -m aria_utils.regions or pass the training run's OUTPUT_DIR/regions.")
+                     "with python -m aria_utils.method.region_index or pass the training run's OUTPUT_DIR/regions.")
     try:
         args.student = [parse_student(value) for value in args.student]
     except ValueError as error:
@@ -112,12 +112,12 @@ def load_student_unet(path, teacher_path=None):
     """
     from diffusers import UNet2DConditionModel
 
-    from aria_utils.lora import LORA_WEIGHT_NAME
-    from aria_utils.teacher import pipeline_class_of
+    from aria_utils.training.lora import LORA_WEIGHT_NAME
+    from aria_utils.families import family_of_pipeline
 
     if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
         base = path if os.path.isdir(os.path.join(path, "unet")) else teacher_path
-        cls, extra = pipeline_class_of(base)
+        cls, extra = family_of_pipeline(base).pipeline_class()
         pipeline = cls.from_pretrained(base, **extra)
         pipeline.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME)
         pipeline.fuse_lora()
@@ -252,7 +252,7 @@ def save_sample_grid(path, teacher_images, student_images):
     """Teacher row over student row; columns are already grouped by region."""
     from PIL import Image
 
-    from aria_utils.validation import image_grid
+    from aria_utils.training.validation_images import image_grid
 
     to_hwc = lambda images: images.permute(0, 2, 3, 1).numpy()  # noqa: E731
     Image.fromarray(image_grid([to_hwc(teacher_images), to_hwc(student_images)])).save(path)
@@ -260,10 +260,10 @@ def save_sample_grid(path, teacher_images, student_images):
 
 def run_evaluation(args):
 
-    from aria_utils.paired_data import load_paired_latents
-    from aria_utils.prompts import load_prompt_corpus
-    from aria_utils.regions import load_region_index, model_identity
-    from aria_utils.teacher import load_frozen_teacher
+    from aria_utils.data.paired_data import load_paired_latents
+    from aria_utils.data.prompts import load_prompt_corpus
+    from aria_utils.method.region_index import load_region_index, model_identity
+    from aria_utils.families import load_frozen_teacher
 
     os.makedirs(args.output_dir, exist_ok=True)
     index = load_region_index(args.region_cache_dir)

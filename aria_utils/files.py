@@ -73,3 +73,20 @@ def save_numpy_safetensors_atomically(arrays, path):
     temporary = path + TEMPORARY_SUFFIX
     save_file({key: np.ascontiguousarray(value) for key, value in arrays.items()}, temporary)
     _commit(temporary, path)
+
+
+def read_safetensors_header(path):
+    """(header, data start, file size) of a safetensors file, without reading any tensor.
+
+    The layout is an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
+    shape and data offsets (relative to the data start), then the raw data. Raises ValueError when
+    the header length does not fit the file (a truncated or foreign file).
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+        if not 0 < header_length <= size - 8:
+            raise ValueError("its header is cut off")
+        header = json.loads(handle.read(header_length))
+    return header, 8 + header_length, size
+

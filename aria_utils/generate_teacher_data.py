@@ -6,7 +6,7 @@
 
 RC's set (212K prompts, 25 steps, CFG 7.5) is about 10.6M UNet evaluations, a GPU-day, so the work
 is split into shards (`--shard_size` latents each) that the processes share, and each finished shard
-is written at once (see aria_utils.paired_data for the layout). Re-running the same command resumes:
+is written at once (see aria_utils.data.paired_data for the layout). Re-running the same command resumes:
 finished shards are kept and an unfinished one is redone. Each latent's noise comes from a seed
 derived from (--seed, the prompt's corpus index), and batches never cross a shard, so the set is the
 same whatever the number of processes and interruptions (bit for bit on the same hardware, thread
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from aria_utils.cli import argument_parser, run_cli
-from aria_utils.hub import pretrained_source_problem
-from aria_utils.paired_data import (
+from aria_utils.publishing.hub import pretrained_source_problem
+from aria_utils.data.paired_data import (
     CHECK_KEYS,
     LATENTS_FILE,
     MANIFEST_FILE,
@@ -48,7 +48,7 @@ from aria_utils.paired_data import (
     write_manifest,
     write_shard,
 )
-from aria_utils.prompts import PromptCorpusError, load_prompt_corpus
+from aria_utils.data.prompts import PromptCorpusError, load_prompt_corpus
 from aria_utils.quiet import silence_known_harmless_messages
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def latent_geometry(args):
     """(latent shape, image resolution) from the teacher's configs alone: no weights are loaded."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from aria_utils.teacher import vae_scale_factor
+    from aria_utils.families import vae_scale_factor
 
     problem = pretrained_source_problem(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
                                         ["unet/config.json", "vae/config.json"], args.revision)
@@ -253,14 +253,15 @@ def generate_latent_batch(pipeline, prompts, seeds, args, resolution):
 
 
 def load_teacher_pipeline(args, device):
-    from aria_utils.teacher import pipeline_class_of
+    from aria_utils.families import family_of_pipeline
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    cls, extra = pipeline_class_of(args.pretrained_model_name_or_path, revision=args.revision)
+    family = family_of_pipeline(args.pretrained_model_name_or_path, revision=args.revision)
+    cls, extra = family.pipeline_class()
     pipeline = cls.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                                    dtype=dtype, **extra).to(device)
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return pipeline, family
 
 
 def shard_rows(corpus, indices, start, stop, seed, micro_conditioning=None):
@@ -333,10 +334,9 @@ def main(argv=None):
         logger.info("%d of %d shards already done; %d processes share the other %d.", len(done),
                     len(manifest["shards"]), state.num_processes, len(remaining))
 
-    pipeline = load_teacher_pipeline(args, state.device) if mine else None
-    # What SDXL's pipeline conditions on when given only height and width: original = target size, no crop.
-    micro_conditioning = ([resolution, resolution, 0, 0, resolution, resolution]
-                          if pipeline is not None and getattr(pipeline, "text_encoder_2", None) is not None else None)
+    pipeline, family = load_teacher_pipeline(args, state.device) if mine else (None, None)
+    # What each row records about its image's size, e.g. SDXL's time ids (original = target size, no crop).
+    micro_conditioning = family.generation_micro_conditioning(resolution) if family is not None else None
     remaining_latents = sum(manifest["shards"][index]["num_latents"] for index in remaining)
     # One bar for the whole job: the main process counts its own latents times the number of processes
     # (they work at the same pace on the same kind of device), capped at the total.

@@ -19,9 +19,9 @@ fi
 shift || true
 mkdir -p "$OUT"
 
-[ -d "$OUT/tiny-teacher" ] || $PY -m aria_utils.tiny_teacher "${TEACHER_FLAGS[@]+"${TEACHER_FLAGS[@]}"}" \
+[ -d "$OUT/tiny-teacher" ] || $PY -m aria_utils.fixtures.tiny_teacher "${TEACHER_FLAGS[@]+"${TEACHER_FLAGS[@]}"}" \
   --output_dir "$OUT/tiny-teacher" --seed 0
-[ -f "$OUT/data/prompts.csv" ] || $PY -m aria_utils.demo_corpus --output_dir "$OUT/data"
+[ -f "$OUT/data/prompts.csv" ] || $PY -m aria_utils.fixtures.demo_corpus --output_dir "$OUT/data"
 # Resumable: a finished set is kept as is, an interrupted one is completed. (The test of this script makes a
 # smaller set through the two variables; the defaults are the demo's.)
 $PY -m aria_utils.generate_teacher_data \

@@ -14,9 +14,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
-    from aria_utils.demo_corpus import write_demo_corpus
+    from aria_utils.fixtures.demo_corpus import write_demo_corpus
     from aria_utils.generate_teacher_data import main as generate_teacher_data
-    from aria_utils.tiny_teacher import save_tiny_teacher
+    from aria_utils.fixtures.tiny_teacher import save_tiny_teacher
 
     root = tmp_path_factory.mktemp("assets")
     teacher = str(root / "tiny-teacher")
@@ -90,7 +90,7 @@ def run_training_in_process(argv):
     from accelerate.state import AcceleratorState, GradientState
 
     import train_aria_distill
-    from aria_utils import preemption
+    from aria_utils.training import preemption
     from aria_utils.cli import run_cli
 
     stdout, stderr = io.StringIO(), io.StringIO()

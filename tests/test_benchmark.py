@@ -22,7 +22,7 @@ import run_benchmark  # noqa: E402
 
 @pytest.fixture(scope="module")
 def corpus(assets):
-    from aria_utils.prompts import load_prompt_corpus
+    from aria_utils.data.prompts import load_prompt_corpus
 
     loaded = load_prompt_corpus(prompt_file=assets["prompts"], category_column="category")
     return conditioned_teacher.sample_per_category(loaded.prompts, loaded.categories, 24, seed=0)
@@ -59,7 +59,7 @@ def planted(corpus):
 
 
 def test_planted_layers_are_the_ones_every_bk_student_drops(planted):
-    from aria_utils.students import BK_VARIANTS, build_student
+    from aria_utils.families.unet_students import BK_VARIANTS, build_student
 
     teacher_unet, base_unet = planted["teacher"].unet, planted["base"].unet
     assert planted["record"]["layers"], "nothing was planted"

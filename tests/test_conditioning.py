@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from aria_utils.conditioning import (
+from aria_utils.method.conditioning import (
     ConditionSampler,
     choose_conditions,
     paired_batch_indices,

@@ -9,8 +9,8 @@ from PIL import Image
 
 from aria_utils.evaluate import main as evaluate_cli
 from aria_utils.evaluate import parse_args, run_evaluation
-from aria_utils.evaluation import EvaluationError
-from aria_utils.paired_data import load_paired_latents
+from aria_utils.evaluation.discrepancy import EvaluationError
+from aria_utils.data.paired_data import load_paired_latents
 from conftest import run, training_command
 
 NUM_REGIONS = 3
@@ -20,8 +20,8 @@ NUM_REGIONS = 3
 def eval_assets(assets, tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
-    from aria_utils.regions import build_or_load_region_index
-    from aria_utils.students import build_student
+    from aria_utils.method.region_index import build_or_load_region_index
+    from aria_utils.families.unet_students import build_student
 
     root = tmp_path_factory.mktemp("evaluation")
     with open(assets["prompts"], encoding="utf-8") as handle:
@@ -170,7 +170,7 @@ def test_clip_score_with_a_local_clip_model(eval_assets, tmp_path):
     """A tiny random CLIPModel saved here stands in for a real one: the code path, not the value, is tested."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from aria_utils.tiny_teacher import build_clip_tokenizer
+    from aria_utils.fixtures.tiny_teacher import build_clip_tokenizer
 
     clip_dir = str(tmp_path / "clip")
     config = CLIPConfig(

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from aria_utils.losses import DistillationLoss, per_sample_mse, training_target
+from aria_utils.training.losses import DistillationLoss, per_sample_mse, training_target
 
 
 def make_inputs(batch=4, seed=0):

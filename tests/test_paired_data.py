@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from aria_utils.paired_data import (
+from aria_utils.data.paired_data import (
     LATENTS_FILE,
     MANIFEST_FILE,
     METADATA_FILE,
@@ -20,7 +20,7 @@ from aria_utils.paired_data import (
     load_paired_latents,
     save_paired_latents,
 )
-from aria_utils.prompts import TextTable
+from aria_utils.data.prompts import TextTable
 from conftest import REPO_ROOT, run
 
 
@@ -97,14 +97,14 @@ def test_damaged_latents_are_named_by_shard_and_index(tmp_path):
     with pytest.raises(PairedDataError, match=r"latent 0 of shards/shard-00001.safetensors is not finite"):
         paired.latents([3])
     manifest = json.load(open(tmp_path / "set" / MANIFEST_FILE))
-    from aria_utils.paired_data import verify_shard
+    from aria_utils.data.paired_data import verify_shard
 
     assert verify_shard(str(tmp_path / "set"), manifest, 0) is None
     assert "does not match the checksum" in verify_shard(str(tmp_path / "set"), manifest, 1)
 
 
 def test_a_manifest_whose_counts_do_not_add_up_is_refused(tmp_path):
-    from aria_utils.paired_data import check_paired_set_is_finished
+    from aria_utils.data.paired_data import check_paired_set_is_finished
 
     save_paired_latents(str(tmp_path / "set"), torch.randn(4, 4, 2, 2), list("abcd"), shard_size=2)
     manifest_path = tmp_path / "set" / MANIFEST_FILE

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from aria_utils.prompts import PromptCorpusError, load_prompt_corpus
+from aria_utils.data.prompts import PromptCorpusError, load_prompt_corpus
 
 ROWS = [("a cat", "animals"), ("a red car", "vehicles"), ("", "empty"), ("a cat", "animals"), ("  a boat ", "vehicles")]
 
@@ -85,7 +85,7 @@ def test_prompts_that_are_not_text_are_refused(tmp_path):
 def test_very_long_prompts_are_reported(tmp_path, caplog):
     path = tmp_path / "long.txt"
     path.write_text("a cat\n" + "word " * 20_000 + "\n")
-    with caplog.at_level("WARNING", logger="aria_utils.prompts"):
+    with caplog.at_level("WARNING", logger="aria_utils.data.prompts"):
         corpus = load_prompt_corpus(prompt_file=str(path))
     assert len(corpus) == 2
     assert "1 prompts are longer than 1000 characters (the longest 99999)" in caplog.text
@@ -97,7 +97,7 @@ def test_corpus_digest_is_the_same_in_chunks():
     give the sha256 of the whole text, one newline after each prompt."""
     import hashlib
 
-    from aria_utils.prompts import TextTable
+    from aria_utils.data.prompts import TextTable
 
     prompts = ["a cat", "", "ünïcode é", "a dog"] * 50
     table = TextTable.from_strings(prompts)

@@ -54,7 +54,7 @@ def test_lora_resume_continues_from_the_adapter_checkpoint(lora_run):
 def test_trainable_params_stay_fp32_under_half_precision(assets):
     from diffusers import UNet2DConditionModel
 
-    from aria_utils.lora import add_lora_adapter, trainable_parameters
+    from aria_utils.training.lora import add_lora_adapter, trainable_parameters
 
     for dtype in (torch.bfloat16, torch.float16):
         unet = UNet2DConditionModel.from_pretrained(assets["teacher"], subfolder="unet")
@@ -82,7 +82,7 @@ def test_model_card(lora_run):
 
 def test_prompts_in_the_card_stay_text(tmp_path):
     """A prompt may hold newlines, headings, HTML and table pipes: in the region table it is one escaped line."""
-    from aria_utils.model_card import write_model_card
+    from aria_utils.publishing.model_card import write_model_card
 
     prompt = "line one\n# A heading\n<img src=x onerror=alert(1)> | [link](http://x) ```code```"
     report = {"num_regions": 1, "embedding_model": "m", "regions": [
@@ -104,7 +104,8 @@ def test_no_command_line_accepts_abbreviations():
     assert train_aria_distill.build_parser().allow_abbrev is False
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tools = [os.path.join(root, "aria_utils", f"{name}.py")
-             for name in ("regions", "generate_teacher_data", "tiny_teacher", "demo_corpus", "evaluate")]
+             for name in ("regions", "generate_teacher_data", "fixtures/tiny_teacher", "fixtures/demo_corpus",
+                          "evaluate")]
     tools += [os.path.join(root, "examples", "benchmark", name)
               for name in ("run_benchmark.py", "scale.py", "conditioned_teacher.py")]
     for path in tools:
@@ -122,7 +123,7 @@ def test_no_command_line_accepts_abbreviations():
 def test_card_base_model_is_a_hub_id_or_absent(tmp_path, teacher, override, expected):
     from huggingface_hub import ModelCard
 
-    from aria_utils.model_card import hub_base_model, write_model_card
+    from aria_utils.publishing.model_card import hub_base_model, write_model_card
 
     path = write_model_card(str(tmp_path), teacher, "BK-SDM `bk_small` student", 100.0, 50.0, {"seed": 0}, "cmd",
                             base_model=hub_base_model(teacher, override), license="openrail++",
@@ -134,7 +135,7 @@ def test_card_base_model_is_a_hub_id_or_absent(tmp_path, teacher, override, expe
 
 
 def test_license_follows_the_teacher_family():
-    from aria_utils.model_card import default_license
+    from aria_utils.publishing.model_card import default_license
 
     assert default_license({"use_linear_projection": False, "cross_attention_dim": 768}) == "creativeml-openrail-m"
     assert default_license({"use_linear_projection": True, "cross_attention_dim": 1024}) == "openrail++"
@@ -144,7 +145,7 @@ def test_license_follows_the_teacher_family():
 def test_validation_images_reach_every_tracker_that_takes_images():
     import numpy as np
 
-    from aria_utils.validation import log_image
+    from aria_utils.training.validation_images import log_image
 
     class Recorder:
         def __init__(self, name):
@@ -183,7 +184,7 @@ def test_lora_merge_writes_a_fused_student(assets, tmp_path):
     assert not (output / "pytorch_lora_weights.safetensors").exists()
     pipeline = StableDiffusionPipeline.from_pretrained(str(output))
     assert not any("lora" in key for key in pipeline.unet.state_dict())
-    from aria_utils.students import build_student
+    from aria_utils.families.unet_students import build_student
 
     base = build_student(pipeline.unet.__class__.from_pretrained(assets["teacher"], subfolder="unet"), "bk_small")
     merged = pipeline.unet.state_dict()
@@ -238,7 +239,7 @@ def test_push_to_hub_offline_fails_before_training(assets, tmp_path, capsys, cap
 
 def test_push_uploads_the_folder_without_checkpoints(tmp_path):
     """Verified by recording the exact calls on a stand-in for huggingface_hub.HfApi (no network here)."""
-    from aria_utils.hub import UPLOAD_IGNORE_PATTERNS, push_output_folder
+    from aria_utils.publishing.hub import UPLOAD_IGNORE_PATTERNS, push_output_folder
 
     class RecordingApi:
         def __init__(self):
@@ -271,7 +272,7 @@ def test_checkpoint_pushes_run_in_background_and_failures_are_reported(tmp_path)
     """--hub_push_checkpoints, verified on a recording stand-in for HfApi (no network here)."""
     from concurrent.futures import Future
 
-    from aria_utils.hub import CheckpointPusher
+    from aria_utils.publishing.hub import CheckpointPusher
 
     class RecordingApi:
         def __init__(self):

@@ -25,6 +25,25 @@ def test_ci_runs_the_readme_test_command():
     assert command in open(os.path.join(REPO_ROOT, ".ci", "run")).read()
 
 
+def test_layout_table_names_every_module_and_only_paths_that_exist():
+    section = README.split("## Layout\n")[1].split("\n### ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    for row in rows:
+        path = re.match(r"\| `([^`]+)`", row).group(1)
+        assert os.path.exists(os.path.join(REPO_ROOT, path)), f"the Layout table names {path}, which does not exist"
+        if path.endswith("/"):  # a folder's row names its modules: each must exist in it
+            for name in re.findall(r"`([\w.]+\.(?:py|sh))`", row):
+                assert os.path.exists(os.path.join(REPO_ROOT, path, name)), f"{path}{name} does not exist"
+    for folder, _, names in os.walk(os.path.join(REPO_ROOT, "aria_utils")):
+        package = os.path.relpath(folder, REPO_ROOT).replace(os.sep, "/")
+        for name in names:
+            if not name.endswith(".py") or name == "__init__.py" and os.path.getsize(os.path.join(folder, name)) == 0:
+                continue
+            listed = any(row.startswith(f"| `{package}/{name}`") for row in rows) or any(
+                row.startswith(f"| `{package}/`") and f"`{name}`" in row for row in rows)
+            assert listed, f"{package}/{name} is missing from the README's Layout table"
+
+
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_demo_command_runs_end_to_end(tmp_path, family):
     """README command 1, shortened (and its --sdxl form): every stage runs offline and the student pipeline

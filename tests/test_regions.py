@@ -5,13 +5,13 @@ import os
 import numpy as np
 import pytest
 
-from aria_utils.demo_corpus import build_demo_corpus
-from aria_utils.regions import (
+from aria_utils.fixtures.demo_corpus import build_demo_corpus
+from aria_utils.method.region_index import (
     RegionIndexError,
     build_or_load_region_index,
     load_region_index,
-    main as regions_cli,
 )
+from aria_utils.regions import main as regions_cli
 
 PROMPTS = [prompt for prompt, _ in build_demo_corpus(seed=0)][:400]
 
@@ -57,7 +57,7 @@ def test_nearest_centroid_assignment_of_corpus_prompts_agrees_with_labels(built_
 def test_cache_reused_and_never_rebuilt_in_place(built_cache, caplog):
     """A shared cache keeps its index; another K or corpus gets a subfolder of its own, reused next time."""
     cache, index = built_cache
-    caplog.set_level(logging.INFO, logger="aria_utils.regions")
+    caplog.set_level(logging.INFO, logger="aria_utils.method.region_index")
     again = build_or_load_region_index(PROMPTS, cache, num_regions=6, seed=0)
     assert "reusing the cache" in caplog.text
     assert np.array_equal(again.labels, index.labels)

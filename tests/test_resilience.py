@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from aria_utils.checkpointing import TRAINING_STATE_FILE, complete_checkpoints, resolve_resume_checkpoint
+from aria_utils.training.checkpointing import TRAINING_STATE_FILE, complete_checkpoints, resolve_resume_checkpoint
 from conftest import REPO_ROOT, run, run_training_in_process, training_command
 
 UNET_WEIGHTS = os.path.join("unet", "diffusion_pytorch_model.safetensors")
@@ -154,7 +154,7 @@ def test_nonfinite_skip_counts_and_keeps_weights(assets, nan_teacher, tmp_path):
     assert summary["nonfinite_skipped"] == 3
     from diffusers import UNet2DConditionModel
 
-    from aria_utils.students import build_student
+    from aria_utils.families.unet_students import build_student
 
     initial = build_student(UNet2DConditionModel.from_pretrained(nan_teacher, subfolder="unet"), "bk_small")
     final = load_file(str(output / UNET_WEIGHTS))
@@ -297,10 +297,10 @@ def test_single_process_launcher_signalled_or_killed_leaves_a_checkpoint(assets,
 
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     steps, output = 400, tmp_path / "out"
-    # Eight images of 1000 denoising steps each: many seconds of validation, so the signal cannot land after
-    # the last denoising step (where nothing is left to stop) on a fast machine.
+    # Eight images of 999 denoising steps each (the most the tiny teacher's scheduler takes): many seconds of
+    # validation, so the signal cannot land after the last denoising step (nothing left to stop) on a fast machine.
     validation = ["--validation_prompts", "a cat", "a red car", "a blue house", "a green tree",
-                  "--validation_steps", "2", "--validation_inference_steps", "1000"]
+                  "--validation_steps", "2", "--validation_inference_steps", "999"]
     command = [accelerate, "launch", "--num_processes", "1", "--num_cpu_threads_per_process", "2",
                *training_command(assets, output, "--checkpointing_steps", "1000", "--dataloader_num_workers", "1",
                                  *(validation if moment == "validation" else []), steps=steps)[1:]]
@@ -310,7 +310,7 @@ def test_single_process_launcher_signalled_or_killed_leaves_a_checkpoint(assets,
                                 env=dict(os.environ, ACCELERATE_USE_CPU="1"), start_new_session=True)
     if moment == "validation":
         wait_for_text(log_path, launcher, "Validation at step 2")
-        time.sleep(0.5)  # well inside the 8 x 1000 denoising steps
+        time.sleep(0.5)  # well inside the 8 x 999 denoising steps
     else:
         wait_for_step(log_path, launcher, 3, steps)
     trainer = training_processes(launcher.pid)[0]
@@ -332,7 +332,7 @@ def test_single_process_launcher_signalled_or_killed_leaves_a_checkpoint(assets,
 
 
 def test_a_second_run_into_a_busy_folder_is_refused_and_the_lock_dies_with_the_first(assets, tmp_path, caplog):
-    from aria_utils.run_folder import OutputFolderLock
+    from aria_utils.training.run_folder import OutputFolderLock
 
     output = tmp_path / "out"
     command = training_command(assets, output, "--checkpointing_steps", "1000", steps=400)
@@ -420,7 +420,7 @@ def test_read_only_output_folder_is_named_before_anything_runs(assets, small_dis
 
 
 def test_space_is_made_by_the_total_limit_before_writing_but_never_from_the_last_checkpoint(tmp_path, monkeypatch):
-    from aria_utils import checkpointing
+    from aria_utils.training import checkpointing
 
     for step in (2, 4, 6):
         (tmp_path / f"checkpoint-{step}").mkdir()

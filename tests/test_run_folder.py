@@ -10,8 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from aria_utils import run_folder
-from aria_utils.checkpointing import honoured_changes, resolve_resume_checkpoint, resume_mismatches
+from aria_utils.training import run_folder
+from aria_utils.training.checkpointing import (
+    TrainingState,
+    honoured_changes,
+    resolve_resume_checkpoint,
+    resume_mismatches,
+)
 from conftest import REPO_ROOT
 
 
@@ -81,7 +86,7 @@ def test_a_pipeline_this_project_did_not_write_is_foreign(tmp_path, assets):
 LOCK_HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from aria_utils.run_folder import OutputFolderLock
+from aria_utils.training.run_folder import OutputFolderLock
 lock = OutputFolderLock({folder!r})
 assert lock.acquire() is None
 print("locked", flush=True)
@@ -120,20 +125,21 @@ def test_resume_refuses_what_defines_the_state_and_honours_the_rest():
                            learning_rate=1e-4, lambda_kd_feat=1.0, output_dir="out", resume_from_checkpoint="latest")
     state = {"args": dict(vars(args), train_batch_size=8, learning_rate=1e-3, resume_from_checkpoint=None),
              "run": {"num_processes": 8, "mixed_precision": "bf16", "corpus_sha256": "a"}}
-    mismatches = resume_mismatches(state, args, {"num_processes": 2, "mixed_precision": "bf16", "corpus_sha256": "b"})
+    state, flags = TrainingState.from_json(state), vars(args)
+    mismatches = resume_mismatches(state, flags, {"num_processes": 2, "mixed_precision": "bf16", "corpus_sha256": "b"})
     assert mismatches[0].startswith("--train_batch_size 8 in the checkpoint, 4 now")
     assert any(m.startswith("num processes 8 in the checkpoint, 2 now") for m in mismatches)
     assert any(m.startswith("corpus sha256 'a' in the checkpoint, 'b' now") for m in mismatches)
     assert len(mismatches) == 3
-    assert honoured_changes(state["args"], args) == {"learning_rate": (1e-3, 1e-4)}
+    assert honoured_changes(state.args, flags) == {"learning_rate": (1e-3, 1e-4)}
     # A fact not known yet (the corpus before it is read) is checked later, not taken for a change.
-    assert resume_mismatches(state, args, {"num_processes": 8, "mixed_precision": "bf16"}) == [
+    assert resume_mismatches(state, flags, {"num_processes": 8, "mixed_precision": "bf16"}) == [
         "--train_batch_size 8 in the checkpoint, 4 now (it defines the data order and the batch of every step)"]
 
 
 def test_every_flag_is_either_refused_or_honoured_on_resume_and_the_readme_says_which():
     import train_aria_distill
-    from aria_utils.checkpointing import RESUME_NOT_A_CHANGE, RESUME_REFUSED, RESUME_REFUSED_FACTS
+    from aria_utils.training.checkpointing import RESUME_NOT_A_CHANGE, RESUME_REFUSED, RESUME_REFUSED_FACTS
 
     flags = {action.dest for action in train_aria_distill.build_parser()._actions if action.dest != "help"}
     assert set(RESUME_REFUSED) <= flags and set(RESUME_NOT_A_CHANGE) <= flags

@@ -40,7 +40,7 @@ def full_sdxl_teacher():
 
 @pytest.mark.parametrize("variant", ["koala_1b", "koala_700m"])
 def test_koala_sizes_from_the_full_sdxl_config(full_sdxl_teacher, variant):
-    from aria_utils.students import count_parameters, student_config_from_teacher
+    from aria_utils.families.unet_students import count_parameters, student_config_from_teacher
 
     teacher_count = count_parameters(full_sdxl_teacher)
     assert abs(teacher_count - PAPER_PARAMETERS["teacher"]) / PAPER_PARAMETERS["teacher"] < 0.005, teacher_count
@@ -53,7 +53,7 @@ def test_koala_sizes_from_the_full_sdxl_config(full_sdxl_teacher, variant):
 
 @pytest.mark.parametrize("variant", ["bk_base", "bk_small", "koala_1b", "koala_700m"])
 def test_full_sdxl_students_map_every_weight_to_a_teacher_weight_of_its_shape(full_sdxl_teacher, variant):
-    from aria_utils.students import feature_layer_pairs, student_config_from_teacher, student_to_teacher_key_map
+    from aria_utils.families.unet_students import feature_layer_pairs, student_config_from_teacher, student_to_teacher_key_map
 
     student = meta_unet(student_config_from_teacher(full_sdxl_teacher.config, variant))
     teacher_state, student_state = full_sdxl_teacher.state_dict(), student.state_dict()
@@ -67,7 +67,7 @@ def test_full_sdxl_students_map_every_weight_to_a_teacher_weight_of_its_shape(fu
 
 
 def test_koala_transformer_blocks_start_from_evenly_spread_teacher_blocks(full_sdxl_teacher):
-    from aria_utils.students import kept_transformer_blocks, student_config_from_teacher, student_to_teacher_key_map
+    from aria_utils.families.unet_students import kept_transformer_blocks, student_config_from_teacher, student_to_teacher_key_map
 
     assert kept_transformer_blocks(6, 10) == [0, 2, 4, 5, 7, 9]
     assert kept_transformer_blocks(5, 10) == [0, 2, 5, 7, 9]
@@ -86,7 +86,7 @@ def test_koala_transformer_blocks_start_from_evenly_spread_teacher_blocks(full_s
 def test_koala_needs_an_sdxl_teacher(assets):
     from diffusers import UNet2DConditionModel
 
-    from aria_utils.students import student_config_from_teacher
+    from aria_utils.families.unet_students import student_config_from_teacher
 
     config = UNet2DConditionModel.load_config(assets["teacher"], subfolder="unet")
     with pytest.raises(ValueError, match="--student_config koala_1b is a KOALA student of an SDXL teacher"):
@@ -97,7 +97,7 @@ def test_koala_needs_an_sdxl_teacher(assets):
 @pytest.fixture(scope="module")
 def sdxl_assets(assets, tmp_path_factory):
     from aria_utils.generate_teacher_data import main as generate_teacher_data
-    from aria_utils.tiny_teacher import main as tiny_teacher
+    from aria_utils.fixtures.tiny_teacher import main as tiny_teacher
 
     root = tmp_path_factory.mktemp("sdxl")
     teacher = str(root / "tiny-sdxl-teacher")
@@ -124,7 +124,8 @@ def test_tiny_sdxl_teacher_has_the_sdxl_topology(sdxl_assets):
 def test_prompt_encoder_conditions_like_the_sdxl_pipeline(sdxl_assets):
     from diffusers import StableDiffusionXLPipeline
 
-    from aria_utils.teacher import default_time_ids, load_frozen_teacher
+    from aria_utils.families import load_frozen_teacher
+    from aria_utils.families.sdxl import default_time_ids
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(sdxl_assets["teacher"])
     prompt_encoder = load_frozen_teacher(sdxl_assets["teacher"]).prompt_encoder()
@@ -139,7 +140,7 @@ def test_prompt_encoder_conditions_like_the_sdxl_pipeline(sdxl_assets):
 
 
 def test_sdxl_teacher_latents_store_their_micro_conditioning(sdxl_assets):
-    from aria_utils.paired_data import load_paired_latents
+    from aria_utils.data.paired_data import load_paired_latents
 
     paired = load_paired_latents(sdxl_assets["teacher_data"])
     assert paired.latent_shape == (4, 16, 16)
@@ -148,8 +149,8 @@ def test_sdxl_teacher_latents_store_their_micro_conditioning(sdxl_assets):
 
 
 def test_per_image_micro_conditioning_reaches_the_micro_batches(tmp_path):
-    from aria_utils.paired_data import PairedDataError, load_paired_latents, save_paired_latents
-    from aria_utils.step_batches import PairedMicroBatches
+    from aria_utils.data.paired_data import PairedDataError, load_paired_latents, save_paired_latents
+    from aria_utils.data.step_batches import PairedMicroBatches
 
     latents = torch.randn(4, 4, 8, 8)
     micro = [[64 + i, 48, i, 0, 32, 32] for i in range(4)]
@@ -177,7 +178,7 @@ def test_per_image_micro_conditioning_reaches_the_micro_batches(tmp_path):
 def test_images_record_original_size_and_crop():
     from PIL import Image
 
-    from aria_utils.paired_data import _image_to_tensor
+    from aria_utils.data.paired_data import _image_to_tensor
 
     pixels, micro = _image_to_tensor(Image.new("RGB", (96, 48)), 32)  # width 96, height 48 -> 64 x 32, crop 16
     assert tuple(pixels.shape) == (3, 32, 32)
@@ -226,7 +227,7 @@ def test_sdxl_aria_resume_is_bit_identical(sdxl_runs):
 def test_sdxl_training_changed_the_koala_student(sdxl_runs, sdxl_assets):
     from diffusers import UNet2DConditionModel
 
-    from aria_utils.students import build_student
+    from aria_utils.families.unet_students import build_student
 
     initial = build_student(UNet2DConditionModel.from_pretrained(sdxl_assets["teacher"], subfolder="unet"),
                             "koala_700m")
@@ -274,7 +275,7 @@ def test_sdxl_region_aware_evaluation_cli(sdxl_runs, sdxl_assets, tmp_path):
 def test_sdxl_lora_output_loads_with_load_lora_weights(sdxl_runs):
     from diffusers import StableDiffusionXLPipeline
 
-    from aria_utils.lora import LORA_WEIGHT_NAME
+    from aria_utils.training.lora import LORA_WEIGHT_NAME
 
     folder = str(sdxl_runs["lora"])
     assert os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME))
@@ -293,7 +294,11 @@ def test_sdxl_lora_output_loads_with_load_lora_weights(sdxl_runs):
 def test_single_file_sdxl_is_recognised_from_its_tensor_names(tmp_path, sdxl_assets, assets):
     from safetensors.torch import save_file
 
-    from aria_utils.single_file import single_file_is_sdxl
+    from aria_utils.families import family_of_single_file
+    from aria_utils.families.sdxl import STABLE_DIFFUSION_XL
+
+    def single_file_is_sdxl(path, config=None):
+        return family_of_single_file(path, config) is STABLE_DIFFUSION_XL
 
     sdxl_file, sd_file = tmp_path / "sdxl.safetensors", tmp_path / "sd.safetensors"
     save_file({"conditioner.embedders.1.model.text_projection": torch.zeros(1),

@@ -3,8 +3,8 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 
-from aria_utils.losses import FeatureRecorder
-from aria_utils.students import (
+from aria_utils.training.losses import FeatureRecorder
+from aria_utils.families.unet_students import (
     BK_VARIANTS,
     build_student,
     count_parameters,

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aria_utils.conditioning import ConditionSampler
-from aria_utils.tracker import RegionTracker
+from aria_utils.method.conditioning import ConditionSampler
+from aria_utils.method.region_tracker import RegionTracker
 
 settings.register_profile("ci", deadline=None, derandomize=True, max_examples=60)
 settings.load_profile("ci")
@@ -194,11 +194,11 @@ def test_rule_state_round_trips_through_json(allocation):
 def test_resume_with_another_allocation_rule_is_named_before_loading():
     from types import SimpleNamespace
 
-    from aria_utils.checkpointing import resume_mismatches
+    from aria_utils.training.checkpointing import TrainingState, resume_mismatches
 
     now = SimpleNamespace(student_config="bk_small", student_model_name_or_path=None, use_lora=False, lora_rank=4,
                           lora_target_modules=None, use_ema=False, aria_allocation="dro")
     checkpoint_args = dict(vars(now), aria_allocation="level")
-    assert resume_mismatches({"args": checkpoint_args}, now, {}) == [
+    assert resume_mismatches(TrainingState(args=checkpoint_args), vars(now), {}) == [
         "--aria_allocation 'level' in the checkpoint, 'dro' now (it defines the tracker state)"]
-    assert resume_mismatches({"args": dict(vars(now))}, now, {}) == []
+    assert resume_mismatches(TrainingState(args=dict(vars(now))), vars(now), {}) == []

@@ -21,7 +21,7 @@ def single_file_copy(sharded_dir, folder):
     import numpy as np
     from safetensors.torch import save_file
 
-    from aria_utils.paired_data import LATENTS_FILE, METADATA_FILE, load_paired_latents
+    from aria_utils.data.paired_data import LATENTS_FILE, METADATA_FILE, load_paired_latents
 
     paired = load_paired_latents(sharded_dir)
     os.makedirs(folder)
@@ -86,7 +86,7 @@ def test_sharded_and_single_file_paired_sets_train_identically(resumable_runs):
 def test_training_changed_the_student(resumable_runs, assets):
     from diffusers import UNet2DConditionModel
 
-    from aria_utils.students import build_student
+    from aria_utils.families.unet_students import build_student
 
     initial = build_student(UNet2DConditionModel.from_pretrained(assets["teacher"], subfolder="unet"), "bk_small")
     trained = load_file(str(resumable_runs["uninterrupted"] / UNET_WEIGHTS))
@@ -115,7 +115,7 @@ def test_aria_outputs(resumable_runs):
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
 def test_v_and_x0_prediction_teachers(assets, tmp_path, prediction_type):
-    from aria_utils.tiny_teacher import save_tiny_teacher
+    from aria_utils.fixtures.tiny_teacher import save_tiny_teacher
 
     teacher = str(tmp_path / "teacher")
     save_tiny_teacher(teacher, seed=1, prediction_type=prediction_type)

@@ -2,7 +2,7 @@
 
 Builds an SD-1.5 BK-SDM student (bk_small by default) from SD-1.5's UNet config with random weights (no
 download), gives it an AdamW state (one update) and, with --use_ema, an EMA, and writes checkpoints through
-the training script's own path (`aria_utils.checkpointing.save_checkpoint` with the student's save hook).
+the training script's own path (`aria_utils.training.checkpointing.save_checkpoint` with the student's save hook).
 
     python examples/benchmark/checkpoint_time.py --output_dir ckpt-bench [--student_config bk_small] [--use_ema]
 
@@ -34,8 +34,8 @@ def build(student_config, use_ema):
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    from aria_utils.checkpointing import StudentCheckpointHooks
-    from aria_utils.students import count_parameters, student_config_from_teacher
+    from aria_utils.training.checkpointing import StudentCheckpointHooks
+    from aria_utils.families.unet_students import count_parameters, student_config_from_teacher
 
     teacher_config = dict(UNet2DConditionModel.load_config(_default_config_dir()), **SD15_UNET)
     student = UNet2DConditionModel.from_config(student_config_from_teacher(teacher_config, student_config))
@@ -65,7 +65,7 @@ def _default_config_dir():
 
 
 def main(argv=None):
-    from aria_utils.checkpointing import checkpoint_bytes, save_checkpoint
+    from aria_utils.training.checkpointing import checkpoint_bytes, save_checkpoint
 
     parser = argument_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True, help="Where checkpoints are written (and deleted after).")

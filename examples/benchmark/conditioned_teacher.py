@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from aria_utils.cli import argument_parser, run_cli  # noqa: E402
-from aria_utils.prompts import load_prompt_corpus  # noqa: E402
-from aria_utils.regions import resolve_embedding_model  # noqa: E402
+from aria_utils.data.prompts import load_prompt_corpus  # noqa: E402
+from aria_utils.method.region_index import resolve_embedding_model  # noqa: E402
 
 LATENT_SIZE = 16
 TOKEN_LENGTH = 32
@@ -45,7 +45,7 @@ def build_teacher(seed, cross_attention_gain):
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer
 
-    from aria_utils.tiny_teacher import build_tiny_pipeline
+    from aria_utils.fixtures.tiny_teacher import build_tiny_pipeline
 
     encoder_path = resolve_embedding_model(EMBEDDING_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(encoder_path, model_max_length=TOKEN_LENGTH)

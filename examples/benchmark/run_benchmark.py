@@ -18,7 +18,7 @@ the corpus (underrepresented). Two teachers:
   to learn, and only samples of their prompts teach them.
 
 Every method trains in this one process (no start-up per run) through the training script's own
-step (aria_utils.training_step: the same data pipeline, condition draw, loss and tracker update), and
+step (aria_utils.training.distillation_step: the same data pipeline, condition draw, loss and tracker update), and
 is evaluated on the held-out prompts every few steps with the region-aware evaluation. Writes
 results.md / results.json and plots into --output_dir; re-running resumes (finished runs are kept).
 """
@@ -94,7 +94,7 @@ def log(message):
 
 def split_corpus(prompt_file, prompt_column, category_column, heldout_per_category, output_dir, seed):
     """Held-out prompts (some of every category) and the training corpus (the rest)."""
-    from aria_utils.prompts import load_prompt_corpus
+    from aria_utils.data.prompts import load_prompt_corpus
 
     corpus = load_prompt_corpus(prompt_file=prompt_file, prompt_column=prompt_column, category_column=category_column)
     rng = random.Random(seed)
@@ -174,7 +174,7 @@ class Evaluation:
     """Held-out noise-prediction discrepancy of a student, per region and per category (teacher cached)."""
 
     def __init__(self, teacher, prompts, categories, region_ids, budget, seed=0):
-        from aria_utils.evaluation import DiscrepancyEvaluator, EvaluationSetup, default_timestep_grid
+        from aria_utils.evaluation.discrepancy import DiscrepancyEvaluator, EvaluationSetup, default_timestep_grid
 
         self.evaluator = DiscrepancyEvaluator(teacher.unet, teacher.prompt_encoder(), teacher.noise_scheduler,
                                               teacher.vae, torch.device("cpu"), show_progress=False)
@@ -185,7 +185,7 @@ class Evaluation:
                                                   budget["eval_timesteps"])))
 
     def __call__(self, student, step):
-        from aria_utils.evaluation import summarise_discrepancy
+        from aria_utils.evaluation.discrepancy import summarise_discrepancy
 
         was_training = student.training
         student.eval()
@@ -201,22 +201,26 @@ def train_student(initial_student, teacher, data, args, steps, evaluate=None, ev
     """`steps` optimisation steps of the training script's step; the evaluation curve and the run's costs."""
     from diffusers.optimization import get_scheduler
 
-    from aria_utils.lora import trainable_parameters
-    from aria_utils.tracker import RegionTracker
-    from aria_utils.training_step import build_distillation_step, build_optimizer
+    from aria_utils.method.region_tracker import RegionTracker
+    from aria_utils.training.distillation_step import build_distillation_step, build_optimizer
+    from aria_utils.training.lora import trainable_parameters
+    from train_aria_distill import configs_from_args
 
+    configs = configs_from_args(args)  # the script's own flags -> configs
     accelerator = data["accelerator"]
     student = copy.deepcopy(initial_student)
     student.train()
-    optimizer = build_optimizer(args, trainable_parameters(student), args.train_batch_size)
+    optimizer = build_optimizer(configs.optimizer, trainable_parameters(student), args.train_batch_size)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=steps)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    tracker = RegionTracker.from_args(args, data["sampler"], teacher.noise_scheduler.config.num_train_timesteps)
+    tracker = RegionTracker.from_config(configs.region_tracker, data["sampler"],
+                                        teacher.noise_scheduler.config.num_train_timesteps)
     step = build_distillation_step(
-        args, accelerator, student, teacher.unet, teacher.prompt_encoder(), teacher.noise_scheduler,
+        accelerator, student, teacher.unet, teacher.prompt_encoder(), teacher.noise_scheduler,
         optimizer, lr_scheduler, data["paired"], data["caption_region_ids"], data["corpus"].prompts,
-        data["sampler"], tracker, steps)
+        data["sampler"], tracker, steps, configs.batch, configs.conditioning, configs.loss_weights,
+        configs.optimizer.max_grad_norm)
     curve, step_times, tracker_times = [], [], []
     allocation = np.zeros(data["sampler"].num_regions)  # summed region distribution of the random conditions
     for global_step in range(steps):
@@ -482,16 +486,16 @@ def main(argv=None):
 
     from accelerate import Accelerator
 
-    from aria_utils.conditioning import ConditionSampler
-    from aria_utils.paired_data import load_paired_latents
-    from aria_utils.prompts import load_prompt_corpus
-    from aria_utils.regions import build_or_load_region_index
-    from aria_utils.students import build_student
-    from aria_utils.teacher import load_frozen_teacher
+    from aria_utils.method.conditioning import ConditionSampler
+    from aria_utils.data.paired_data import load_paired_latents
+    from aria_utils.data.prompts import load_prompt_corpus
+    from aria_utils.method.region_index import build_or_load_region_index
+    from aria_utils.families.unet_students import build_student
+    from aria_utils.families import load_frozen_teacher
 
     prompt_file = args.prompt_file
     if prompt_file is None:
-        from aria_utils.demo_corpus import write_demo_corpus
+        from aria_utils.fixtures.demo_corpus import write_demo_corpus
 
         prompt_file = write_demo_corpus(os.path.join(out, "corpus"))
     paths, categories = split_corpus(prompt_file, args.prompt_column, args.category_column, budget["heldout"], out, 0)

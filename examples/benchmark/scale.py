@@ -31,7 +31,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 sys.path.insert(0, REPO_ROOT)
 
 from aria_utils.cli import argument_parser, run_cli  # noqa: E402
-from aria_utils.paired_data import new_manifest, write_manifest, write_shard  # noqa: E402
+from aria_utils.data.paired_data import new_manifest, write_manifest, write_shard  # noqa: E402
 
 LATENT_SHAPE = (4, 64, 64)  # SD-1.x at 512 px
 SHARD_SIZE = 1000
@@ -53,7 +53,7 @@ def status_memory():
 # --------------------------------------------------------------------------------------------- data
 def write_prompt_file(path, size):
     """`size` distinct prompts: the demo corpus's prompts, each with a numbered variation."""
-    from aria_utils.demo_corpus import build_demo_corpus
+    from aria_utils.fixtures.demo_corpus import build_demo_corpus
 
     if os.path.isfile(path):
         return path
@@ -139,7 +139,7 @@ def _measure_previous_read(data_dir):
 # --------------------------------------------------------------------------------------------- corpus
 def _measure_corpus(prompt_file, path):
     """RSS above the start and time to load the corpus (packed / previous lists)."""
-    from aria_utils.prompts import load_prompt_corpus
+    from aria_utils.data.prompts import load_prompt_corpus
 
     before = status_memory()[0]
     start = time.perf_counter()
@@ -170,8 +170,8 @@ def measure_generation(teacher, prompt_file, output_dir, num_prompts, repeats=2)
     from safetensors.torch import save_file
 
     from aria_utils import generate_teacher_data as generation
-    from aria_utils.prompts import load_prompt_corpus
-    from aria_utils.teacher import vae_scale_factor
+    from aria_utils.data.prompts import load_prompt_corpus
+    from aria_utils.families import vae_scale_factor
 
     # The resolution whose latents are 64x64 (the tiny VAE downsamples by 2, SD's by 8).
     vae_scale = vae_scale_factor(AutoencoderKL.load_config(teacher, subfolder="vae"))
@@ -192,7 +192,7 @@ def measure_generation(teacher, prompt_file, output_dir, num_prompts, repeats=2)
         corpus = load_prompt_corpus(prompt_file=prompt_file)
         indices = generation.select_prompts(corpus, num_prompts, args.seed)
         _, resolution = generation.latent_geometry(args)
-        pipeline = generation.load_teacher_pipeline(args, torch.device("cpu"))
+        pipeline, _ = generation.load_teacher_pipeline(args, torch.device("cpu"))
         rows = generation.shard_rows(corpus, indices, 0, num_prompts, args.seed)
         latents = [generation.generate_latent_batch(pipeline, [r["caption"] for r in rows[i : i + 8]],
                                                     [r["seed"] for r in rows[i : i + 8]], args, resolution)
@@ -252,7 +252,7 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
-    from aria_utils.tiny_teacher import save_tiny_teacher
+    from aria_utils.fixtures.tiny_teacher import save_tiny_teacher
 
     teacher = os.path.join(args.output_dir, "tiny-teacher")
     if not os.path.isdir(teacher):
@@ -279,7 +279,7 @@ def main(argv=None):
         "previous_read", os.path.join(args.output_dir, f"latents-{min(args.num_latents)}"))
 
     print("Generation throughput ...", flush=True)
-    from aria_utils.demo_corpus import write_demo_corpus
+    from aria_utils.fixtures.demo_corpus import write_demo_corpus
 
     small_corpus = write_demo_corpus(os.path.join(args.output_dir, "demo-corpus"))  # loading stays negligible
     results["generation"] = measure_generation(teacher, small_corpus, os.path.join(args.output_dir, "generation"),

@@ -122,6 +122,9 @@ class PreemptionFlag:
         _active_flag = self
 
     def _handle(self, signum, frame):
+        # Killed, the launcher sends this signal as it dies (PR_SET_PDEATHSIG): its pipe is gone, so the output
+        # moves to the file before anything is written, rather than on the first write that fails.
+        move_console_if_the_launcher_died()
         logger.warning("Received signal %d: finishing this step, then checkpointing and exiting.", signum)
         self.requested = True
         self.signum = signum
@@ -151,6 +154,10 @@ class _ConsoleStream:
                 os.dup2(target, descriptor)
         os.close(target)
 
+    def redirect_if_on_a_pipe(self):
+        if stat.S_ISFIFO(os.fstat(self._stream.fileno()).st_mode):
+            self._redirect()
+
     def _retry(self, operation, *arguments):
         try:
             return operation(*arguments)
@@ -170,6 +177,22 @@ class _ConsoleStream:
         return getattr(self._stream, name)
 
 
+_console_streams = []  # the wrapped standard streams
+_launcher_pid = None  # this process's parent when the streams were wrapped
+
+
+def move_console_if_the_launcher_died():
+    """When the parent that read our pipes has exited, point the wrapped streams at their file now."""
+    if _launcher_pid is None or os.getppid() == _launcher_pid:
+        return
+    for console in _console_streams:
+        try:
+            console.flush()  # whatever is pending goes where it can, then the descriptor moves
+        except OSError:
+            pass
+        console.redirect_if_on_a_pipe()
+
+
 def keep_console_when_pipe_breaks(fallback_path):
     """Wrap sys.stdout/sys.stderr so that a broken pipe sends the rest of the output to `fallback_path`.
 
@@ -182,4 +205,8 @@ def keep_console_when_pipe_breaks(fallback_path):
                 stream.fileno()
             except (OSError, ValueError):  # e.g. pytest's capture: no descriptor to redirect
                 continue
-            setattr(sys, name, _ConsoleStream(stream, fallback_path))
+            console = _ConsoleStream(stream, fallback_path)
+            setattr(sys, name, console)
+            _console_streams.append(console)
+    global _launcher_pid
+    _launcher_pid = os.getppid()

@@ -3,11 +3,11 @@
     step = DistillationStep(...)
     result = step(global_step)
 
-A step: the region distribution for this step (from the tracker as it stands after the previous
+A step: the region distribution for this step (from the region tracker as it stands after the previous
 step), then for every micro-batch the loader's prepared half plus freshly drawn conditions, teacher and
 student forward passes, the loss and its backward pass; the update once the gradients are
 accumulated (skipped on every process when any process saw a non-finite loss); then one all-reduce
-of the per-region discrepancy statistics and the tracker update, and the EMA update.
+of the per-region discrepancy statistics and the region tracker's update, and the EMA update.
 """
 
 import math
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aria_utils.losses import DistillationLoss, FeatureRecorder, training_target
-from aria_utils.paired_data import PairedDataError
+from aria_utils.training.losses import DistillationLoss, FeatureRecorder, training_target
+from aria_utils.data.paired_data import PairedDataError
 
 LOGGED_TERMS = ("loss", "loss/task", "loss/kd_output", "loss/kd_feat", "random_fraction")
 
@@ -44,7 +44,7 @@ class DistillationStep:
 
     def __init__(self, accelerator, student, teacher_unet, prompt_encoder, noise_scheduler, optimizer, lr_scheduler,
                  loss_fn, student_features, teacher_features, assemble_micro_batch, micro_batches, sampler,
-                 condition_sampling, tracker=None, ema_student=None, ema_parameters=None,
+                 conditioning, region_tracker=None, ema_student=None, ema_parameters=None,
                  gradient_accumulation_steps=1, max_grad_norm=1.0, weight_dtype=torch.float32):
         self.accelerator = accelerator
         self.student, self.teacher_unet, self.prompt_encoder = student, teacher_unet, prompt_encoder
@@ -53,16 +53,16 @@ class DistillationStep:
         self.optimizer, self.lr_scheduler, self.loss_fn = optimizer, lr_scheduler, loss_fn
         self.student_features, self.teacher_features = student_features, teacher_features
         self.assemble_micro_batch, self.micro_batches = assemble_micro_batch, micro_batches
-        self.sampler, self.condition_sampling, self.tracker = sampler, condition_sampling, tracker
+        self.sampler, self.conditioning, self.region_tracker = sampler, conditioning, region_tracker
         self.ema_student, self.ema_parameters = ema_student, ema_parameters
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.weight_dtype = weight_dtype
 
     def region_distribution(self):
-        if self.sampler is None or self.condition_sampling == "paired":
+        if self.sampler is None or not self.conditioning.draws_random_conditions:
             return None
-        return self.sampler.region_distribution(self.condition_sampling, self.tracker)
+        return self.sampler.region_distribution(self.conditioning.sampling, self.region_tracker)
 
     def __call__(self, global_step):
         accelerator = self.accelerator
@@ -80,7 +80,7 @@ class DistillationStep:
             raise PairedDataError(problems[0] if problems else "another process read damaged paired data (its "
                                   "message names the shard)")
         for micro_step, prepared in enumerate(step_batches):
-            # The conditions are drawn now, from the allocation of the tracker as it stands after the previous step.
+            # The conditions are drawn now, from the region tracker's allocation after the previous step.
             batch = self.assemble_micro_batch(prepared, global_step, micro_step, region_probabilities,
                                               accelerator.device)
             prompts.extend(batch.conditions.prompts)
@@ -116,9 +116,9 @@ class DistillationStep:
                         self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
 
-            if self.tracker is not None:
+            if self.region_tracker is not None:
                 tick = time.perf_counter()
-                micro_statistics = self.tracker.step_statistics(batch.conditions.region_ids,
+                micro_statistics = self.region_tracker.step_statistics(batch.conditions.region_ids,
                                                                 losses.per_sample_kd_output.cpu(),
                                                                 batch.timesteps.cpu())
                 statistics = micro_statistics if statistics is None else statistics + micro_statistics
@@ -128,9 +128,9 @@ class DistillationStep:
                                                  random_fraction)):
                 logs[key] += value / self.gradient_accumulation_steps
 
-        if self.tracker is not None and step_is_finite:
+        if self.region_tracker is not None and step_is_finite:
             tick = time.perf_counter()
-            self.tracker.update_from_statistics(accelerator.reduce(statistics.to(accelerator.device), "sum").cpu())
+            self.region_tracker.update_from_statistics(accelerator.reduce(statistics.to(accelerator.device), "sum").cpu())
             tracker_time += time.perf_counter() - tick
         if self.ema_student is not None and step_is_finite:
             self.ema_student.step(self.ema_parameters(accelerator.unwrap_model(self.student)))
@@ -151,55 +151,48 @@ class DistillationStep:
             shutdown_workers()
 
 
-def build_distillation_step(args, accelerator, student, teacher_unet, prompt_encoder, noise_scheduler,
-                            optimizer, lr_scheduler, paired, caption_region_ids, corpus_prompts, sampler, tracker,
-                            max_train_steps, start_step=0, ema_student=None, ema_parameters=None,
-                            weight_dtype=torch.float32, default_time_ids=None):
-    """The step the training script's flags describe, with its data pipeline positioned at `start_step`.
+def build_distillation_step(accelerator, student, teacher_unet, prompt_encoder, noise_scheduler, optimizer,
+                            lr_scheduler, paired, caption_region_ids, corpus_prompts, sampler, region_tracker, max_train_steps,
+                            batch, conditioning, loss_weights, max_grad_norm, start_step=0, ema_student=None,
+                            ema_parameters=None, weight_dtype=torch.float32, default_time_ids=None):
+    """The step a run's configs describe (`batch`: BatchConfig, `conditioning`: ConditioningConfig,
+    `loss_weights`: LossWeights), with its data pipeline positioned at `start_step`.
 
     `student`, `optimizer` and `lr_scheduler` are the prepared ones. The feature hooks sit on the
-    unwrapped modules; call `step.close()` to remove them. `default_time_ids` are the SDXL
-    micro-conditioning of latents whose paired set stores none.
+    unwrapped modules; call `step.close()` to remove them. `default_time_ids` are the micro-conditioning
+    of latents whose paired set stores none (families that take image sizes, e.g. SDXL).
     """
-    from aria_utils.step_batches import ConditionAssembler, PairedMicroBatches, micro_batch_loader
-    from aria_utils.students import feature_layer_pairs
+    from aria_utils.data.step_batches import ConditionAssembler, PairedMicroBatches, micro_batch_loader
+    from aria_utils.families.unet_students import feature_layer_pairs
 
     feature_pairs = feature_layer_pairs(accelerator.unwrap_model(student), teacher_unet)
     student_features = FeatureRecorder(accelerator.unwrap_model(student), [pair[0] for pair in feature_pairs])
     teacher_features = FeatureRecorder(teacher_unet, [pair[1] for pair in feature_pairs])
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    accumulation = args.gradient_accumulation_steps
+    accumulation = batch.gradient_accumulation_steps
     micro_batches = PairedMicroBatches(
-        paired, args.train_batch_size, accumulation, accelerator.process_index, accelerator.num_processes, args.seed,
+        paired, batch.per_device, accumulation, accelerator.process_index, accelerator.num_processes, batch.seed,
         num_train_timesteps, caption_region_ids, max_train_steps * accumulation, default_time_ids=default_time_ids)
     micro_batch_iterator = iter(micro_batch_loader(
-        micro_batches, start_step * accumulation, num_workers=args.dataloader_num_workers,
+        micro_batches, start_step * accumulation, num_workers=batch.num_workers,
         pin_memory=accelerator.device.type == "cuda"))
-    assemble_micro_batch = ConditionAssembler(
-        args.condition_sampling, sampler, corpus_prompts, prompt_encoder, args.seed, accelerator.process_index,
-        num_train_timesteps, schedule=args.random_conditioning_schedule, strength=args.random_conditioning_lambda,
-        text_drop_prob=args.text_drop_prob, importance_weighting=args.aria_importance_weighting)
+    assemble_micro_batch = ConditionAssembler(conditioning, sampler, corpus_prompts, prompt_encoder, batch.seed,
+                                              accelerator.process_index, num_train_timesteps)
     return DistillationStep(
         accelerator, student, teacher_unet, prompt_encoder, noise_scheduler, optimizer, lr_scheduler,
-        DistillationLoss(args.lambda_sd, args.lambda_kd_output, args.lambda_kd_feat), student_features,
-        teacher_features, assemble_micro_batch, micro_batch_iterator, sampler, args.condition_sampling,
-        tracker=tracker, ema_student=ema_student, ema_parameters=ema_parameters,
-        gradient_accumulation_steps=accumulation, max_grad_norm=args.max_grad_norm, weight_dtype=weight_dtype)
+        DistillationLoss(loss_weights.task, loss_weights.kd_output, loss_weights.kd_feat), student_features,
+        teacher_features, assemble_micro_batch, micro_batch_iterator, sampler, conditioning,
+        region_tracker=region_tracker, ema_student=ema_student, ema_parameters=ema_parameters,
+        gradient_accumulation_steps=accumulation, max_grad_norm=max_grad_norm, weight_dtype=weight_dtype)
 
 
-def build_optimizer(args, parameters, total_batch_size):
-    """AdamW (8-bit with --use_8bit_adam) over `parameters`, lr scaled by the batch with --scale_lr."""
-    if args.use_8bit_adam:
+def build_optimizer(config, parameters, total_batch_size):
+    """AdamW (8-bit with `config.use_8bit_adam`) over `parameters`; `config` is an OptimizerConfig."""
+    if config.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    return optimizer_class(parameters, lr=optimizer_learning_rate(args, total_batch_size),
-                           betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                           eps=args.adam_epsilon)
-
-
-def optimizer_learning_rate(args, total_batch_size):
-    """--learning_rate, times the total batch with --scale_lr."""
-    return args.learning_rate * (total_batch_size if args.scale_lr else 1)
+    return optimizer_class(parameters, lr=config.learning_rate_for(total_batch_size), betas=config.betas,
+                           weight_decay=config.weight_decay, eps=config.epsilon)

@@ -21,7 +21,7 @@ import shutil
 import socket
 import time
 
-from aria_utils.checkpointing import CHECKPOINT_PATTERN, TEMPORARY_PREFIX, complete_checkpoints
+from aria_utils.training.checkpointing import CHECKPOINT_PATTERN, TEMPORARY_PREFIX, complete_checkpoints
 from aria_utils.files import apply_umask, apply_umask_tree, write_json_atomically
 
 MARKER_FILE = ".aria-distill-run.json"
@@ -184,7 +184,7 @@ def claim_output_dir(accelerator, output_dir, overwrite=False, logging_dir=None)
     """Create and lock OUTPUT_DIR (main process), then delete an earlier run's outputs with --overwrite_output_dir
     and mark the folder as this project's. Every process stops together when the folder is taken."""
     from aria_utils.cli import storage_problem
-    from aria_utils.training_step import all_processes_agree
+    from aria_utils.training.distillation_step import all_processes_agree
 
     problem, claim = None, OutputFolderClaim(output_dir)
     if accelerator.is_main_process:

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from aria_utils.preemption import stop_when_preempted
+from aria_utils.training.preemption import stop_when_preempted
 
 
 @torch.no_grad()
@@ -77,9 +77,7 @@ class Validator:
         self._teacher_images = None
 
     def _generate(self, unet):
-        from aria_utils.teacher import build_pipeline
-
-        pipeline = build_pipeline(unet, self.vae, self.prompt_encoder, self.scheduler)
+        pipeline = self.prompt_encoder.family.build_pipeline(unet, self.vae, self.prompt_encoder, self.scheduler)
         return generate_images(pipeline, self.prompts, self.seed, self.num_inference_steps, self.guidance_scale,
                                self.resolution, self.device)
 

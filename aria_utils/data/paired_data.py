@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from aria_utils.cli import UserInputError
-from aria_utils.files import apply_umask, write_bytes_atomically, write_json_atomically
-from aria_utils.prompts import TextTable
+from aria_utils.files import apply_umask, read_safetensors_header, write_bytes_atomically, write_json_atomically
+from aria_utils.data.prompts import TextTable
 
 logger = logging.getLogger(__name__)
 
@@ -251,19 +251,10 @@ def save_paired_latents(output_dir, latents, captions, settings=None, extra_rows
 
 # ----------------------------------------------------------------------------------------------- reading
 def tensor_location(path, name):
-    """(byte offset, shape, numpy dtype) of tensor `name` in a safetensors file, checked against its size.
-
-    The safetensors layout is an 8-byte little-endian header length, a JSON header giving each
-    tensor's dtype, shape and data offsets, then the raw data; reading it lets numpy memory-map the
-    tensor instead of loading it.
-    """
+    """(byte offset, shape, numpy dtype) of tensor `name` in a safetensors file, checked against its size:
+    the rows can then be read in place instead of loading the tensor."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
-            header_length = int.from_bytes(handle.read(8), "little")
-            if not 0 < header_length <= size - 8:
-                raise ValueError("header length out of range")
-            header = json.loads(handle.read(header_length))
+        header, data_start, size = read_safetensors_header(path)
         entry = header[name]
         begin, end = entry["data_offsets"]
         dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
@@ -273,7 +264,7 @@ def tensor_location(path, name):
                               "damaged or truncated: regenerate the paired set.") from None
     if dtype is None:
         raise PairedDataError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, expected F16 or F32.")
-    offset = 8 + header_length + begin
+    offset = data_start + begin
     if offset + (end - begin) > size or (end - begin) != int(np.prod(shape)) * np.dtype(dtype).itemsize:
         fix = REPAIR_HINT if os.path.basename(os.path.dirname(path)) == SHARDS_DIR else "regenerate the paired set"
         raise PairedDataError(f"{path} is truncated ({size} bytes, its header promises {offset + end - begin}); "

@@ -15,15 +15,17 @@ of the checkpoint, so a file damaged later (a full disk, a copy cut short) is fo
 and `latest` falls back to the newest intact checkpoint.
 """
 
+import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
 import zipfile
+from dataclasses import asdict, dataclass, field
 
 from aria_utils.cli import UserInputError
-from aria_utils.files import apply_umask_tree, write_json_atomically
+from aria_utils.files import apply_umask_tree, read_safetensors_header, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -45,21 +47,52 @@ def complete_checkpoints(output_dir):
     return sorted(found)
 
 
+@dataclass
+class TrainingState:
+    """What `training_state.json` holds: where the run stands, what it ran with, and the checkpoint's files.
+
+    Written by `save_checkpoint` (last, so its presence marks the checkpoint complete) and read back by
+    `read_training_state`; fields a checkpoint of an older version lacks take their defaults.
+    """
+
+    global_step: int = 0
+    nonfinite_skipped: int = 0  # updates skipped after a non-finite loss
+    tracker: dict = None  # RegionTracker.state_dict()
+    region_history: list = field(default_factory=list)  # [(step, estimates, probabilities)] for the heat map
+    args: dict = field(default_factory=dict)  # the flags (secrets left out)
+    run: dict = field(default_factory=dict)  # RESUME_REFUSED_FACTS of the run
+    resume_history: list = field(default_factory=list)  # [{"step", "changed": {flag: [before, after]}}]
+    region_fingerprint: dict = None  # what the tracked regions were built from
+    files: dict = field(default_factory=dict)  # relative path -> size, of every file the checkpoint holds
+
+    @classmethod
+    def from_json(cls, content):
+        known = {name: content[name] for name in cls.__dataclass_fields__ if content.get(name) is not None}
+        return cls(**known)
+
+    def to_json(self):
+        return asdict(self)
+
+
 def read_training_state(path):
+    """The TrainingState of checkpoint `path`."""
     with open(os.path.join(path, TRAINING_STATE_FILE), encoding="utf-8") as handle:
-        return json.load(handle)
+        content = json.load(handle)
+    if not isinstance(content, dict):
+        raise json.JSONDecodeError(f"{TRAINING_STATE_FILE} holds no JSON object", "", 0)
+    return TrainingState.from_json(content)
 
 
 def _safetensors_problem(path):
-    size = os.path.getsize(path)
-    with open(path, "rb") as handle:
-        header_length = int.from_bytes(handle.read(8), "little")
-        if not 0 < header_length <= size - 8:
-            return "its header is cut off"
-        header = json.loads(handle.read(header_length))
+    try:
+        header, data_start, size = read_safetensors_header(path)
+    except json.JSONDecodeError:
+        raise  # reported by the caller with the file's name and the decoder's words
+    except ValueError as error:
+        return str(error)
     data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    if 8 + header_length + data_end > size:
-        return f"it is truncated ({size} bytes, its header promises {8 + header_length + data_end})"
+    if data_start + data_end > size:
+        return f"it is truncated ({size} bytes, its header promises {data_start + data_end})"
     return None
 
 
@@ -71,7 +104,7 @@ def checkpoint_problem(path):
         return f"{TRAINING_STATE_FILE} is missing (the checkpoint was never finished)"
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         return f"{TRAINING_STATE_FILE} is not valid JSON ({error})"
-    for relative, size in state.get("files", {}).items():
+    for relative, size in state.files.items():
         file_path = os.path.join(path, relative)
         if not os.path.isfile(file_path):
             return f"{relative} is missing"
@@ -151,25 +184,35 @@ RESUME_NOT_A_CHANGE = ("resume_from_checkpoint", "overwrite_output_dir", "output
                        "hub_push_checkpoints", "debug_process_states", "report_to")
 
 
-def resume_mismatches(checkpoint_state, args, run_facts):
-    """["--flag X in the checkpoint, Y now (it defines ...)"] for refused flags and facts that differ.
+def resume_mismatches(checkpoint_state, flags, run_facts, region_fingerprint=None):
+    """Every reason checkpoint state `checkpoint_state` (a TrainingState) does not fit this run, each
+    naming both values: ["--flag X in the checkpoint, Y now (it defines ...)", ...].
 
-    `checkpoint_state` is training_state.json's content; `run_facts` this run's values of
-    RESUME_REFUSED_FACTS (those not known yet may be left out: checked again once they are).
+    `flags` are this run's flag values ({name: value}); `run_facts` its values of RESUME_REFUSED_FACTS
+    (those not known yet may be left out: checked again once they are); `region_fingerprint` what this
+    run's region index is built from (`region_index.region_fingerprint`), when it tracks regions.
     """
-    checkpoint_args, recorded = checkpoint_state.get("args", {}), checkpoint_state.get("run", {})
-    mismatches = [f"--{name} {checkpoint_args[name]!r} in the checkpoint, {getattr(args, name)!r} now (it defines "
+    from aria_utils.method.region_index import fingerprint_differences
+
+    checkpoint_args, recorded = checkpoint_state.args, checkpoint_state.run
+    mismatches = [f"--{name} {checkpoint_args[name]!r} in the checkpoint, {flags[name]!r} now (it defines "
                   f"{reason})" for name, reason in RESUME_REFUSED.items()
-                  if name in checkpoint_args and checkpoint_args[name] != getattr(args, name)]
+                  if name in checkpoint_args and name in flags and checkpoint_args[name] != flags[name]]
     mismatches += [f"{name.replace('_', ' ')} {recorded[name]!r} in the checkpoint, {run_facts[name]!r} now (it "
                    f"defines {reason})" for name, reason in RESUME_REFUSED_FACTS.items()
                    if name in recorded and name in run_facts and recorded[name] != run_facts[name]]
+    if region_fingerprint is not None and checkpoint_state.region_fingerprint:
+        # The tracker's estimates belong to the regions it was trained with: the same K is not enough.
+        changed = fingerprint_differences(checkpoint_state.region_fingerprint, region_fingerprint)
+        if changed:
+            mismatches.append(f"it tracked other regions: the region index's {' and '.join(changed)} changed since (resume "
+                              "with the same corpus, --region_embedding_model, --num_regions and --region_seed)")
     return mismatches
 
 
-def honoured_changes(checkpoint_args, args):
+def honoured_changes(checkpoint_args, flags):
     """{flag: (checkpoint value, new value)} of the flags that changed and are honoured from now on."""
-    return {name: (checkpoint_args[name], value) for name, value in vars(args).items()
+    return {name: (checkpoint_args[name], value) for name, value in flags.items()
             if name in checkpoint_args and checkpoint_args[name] != value and name not in RESUME_REFUSED
             and name not in RESUME_NOT_A_CHANGE}
 
@@ -202,7 +245,7 @@ def _file_sizes(folder):
 def checkpoint_bytes(path):
     """Bytes of a complete checkpoint (from the sizes it recorded)."""
     try:
-        return sum(read_training_state(path).get("files", {}).values())
+        return sum(read_training_state(path).files.values())
     except (OSError, ValueError):
         return 0
 
@@ -244,7 +287,7 @@ def save_checkpoint(accelerator, output_dir, step, training_state, total_limit=N
     CheckpointError naming the folder, the free space and the size needed; the checkpoints written
     before stay as they were.
     """
-    from aria_utils.training_step import all_processes_agree
+    from aria_utils.training.distillation_step import all_processes_agree
 
     final_path = os.path.join(output_dir, f"checkpoint-{step}")
     temporary_path = os.path.join(output_dir, f"{TEMPORARY_PREFIX}checkpoint-{step}")
@@ -266,8 +309,8 @@ def save_checkpoint(accelerator, output_dir, step, training_state, total_limit=N
     if all_processes_agree(accelerator, failure is None) and accelerator.is_main_process:
         try:
             # Written last: its presence marks the checkpoint complete, and it records every file's size.
-            training_state = dict(training_state, files=_file_sizes(temporary_path))
-            write_json_atomically(os.path.join(temporary_path, TRAINING_STATE_FILE), training_state)
+            training_state = dataclasses.replace(training_state, files=_file_sizes(temporary_path))
+            write_json_atomically(os.path.join(temporary_path, TRAINING_STATE_FILE), training_state.to_json())
             apply_umask_tree(temporary_path)
             replaced = None
             if os.path.exists(final_path):  # same step written again after a resume from an older checkpoint
@@ -329,13 +372,13 @@ class CheckpointError(UserInputError):
 
 
 def load_checkpoint(accelerator, path):
-    """Restore Accelerate's state (models via the load hook) and return training_state.json's content."""
+    """Restore Accelerate's state: models (via the load hook), optimizer, schedule, EMA and RNG states. The
+    project's own state is the checkpoint's TrainingState, read at start-up (`read_training_state`)."""
     try:
         accelerator.load_state(path)
     except Exception as error:  # whatever the damage, the user needs the folder and the way out
         raise CheckpointError(f"Could not restore {path} ({type(error).__name__}: {error}). The checkpoint is damaged "
                               "or from another configuration: resume from an earlier checkpoint-<step> folder.") from None
-    return read_training_state(path)
 
 
 PARAMETER_EMA_DIR = "unet_lora_ema"
@@ -378,7 +421,7 @@ class StudentCheckpointHooks:
     def save_model_hook(self, models, weights, output_dir):
         from safetensors.torch import save_file
 
-        from aria_utils.lora import has_lora, save_adapter_checkpoint
+        from aria_utils.training.lora import has_lora, save_adapter_checkpoint
 
         for model in models:
             unwrapped = self.accelerator.unwrap_model(model)
@@ -415,7 +458,7 @@ class StudentCheckpointHooks:
             self.ema_model.load_state_dict(loaded.state_dict())
             self.ema_model.to(self.accelerator.device)
             del loaded
-        from aria_utils.lora import has_lora, load_adapter_checkpoint
+        from aria_utils.training.lora import has_lora, load_adapter_checkpoint
 
         while models:
             model = self.accelerator.unwrap_model(models.pop())

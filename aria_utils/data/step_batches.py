@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aria_utils.conditioning import (
+from aria_utils.method.conditioning import (
     CONDITION_STREAM,
     DATA_STREAM,
     ConditionBatch,
@@ -29,7 +29,7 @@ from aria_utils.conditioning import (
     paired_batch_indices,
     step_generator,
 )
-from aria_utils.paired_data import PairedDataError
+from aria_utils.data.paired_data import PairedDataError
 
 
 class PairedMicroBatches(torch.utils.data.Dataset):
@@ -47,7 +47,7 @@ class PairedMicroBatches(torch.utils.data.Dataset):
         self.num_micro_batches = num_micro_batches
         # Micro-conditioning of latents whose set stores none (generated images: original = target size).
         self.default_time_ids = torch.as_tensor(default_time_ids if default_time_ids is not None else [0] * 6,
-                                                dtype=torch.float32)
+                                                dtype=torch.float32).reshape(6)
 
     def __len__(self):
         return self.num_micro_batches
@@ -107,21 +107,21 @@ class MicroBatch:
 class ConditionAssembler:
     """The training-loop half: random conditions from the current region distribution, then token ids."""
 
-    def __init__(self, mode, sampler, corpus_prompts, prompt_encoder, seed, process_index, num_train_timesteps,
-                 schedule="exp", strength=5.0, text_drop_prob=0.1, importance_weighting=False):
-        self.mode, self.sampler, self.corpus_prompts = mode, sampler, corpus_prompts
+    def __init__(self, conditioning, sampler, corpus_prompts, prompt_encoder, seed, process_index,
+                 num_train_timesteps):
+        self.conditioning, self.sampler, self.corpus_prompts = conditioning, sampler, corpus_prompts
         self.prompt_encoder = prompt_encoder
         self.seed, self.process_index, self.num_train_timesteps = seed, process_index, num_train_timesteps
-        self.schedule, self.strength, self.text_drop_prob = schedule, strength, text_drop_prob
-        self.importance_weighting = importance_weighting and mode != "paired"
 
     def __call__(self, prepared, step, micro_step, region_probabilities, device):
         generator = step_generator(self.seed, step, micro_step, self.process_index, CONDITION_STREAM)
         conditions = choose_conditions(
             prepared["captions"], prepared["caption_region_ids"], prepared["timesteps"], self.num_train_timesteps,
-            self.mode, self.sampler, self.corpus_prompts, generator, region_probabilities=region_probabilities,
-            schedule=self.schedule, strength=self.strength, text_drop_prob=self.text_drop_prob,
-            importance_weighting=self.importance_weighting, draws=(prepared["replace_draw"], prepared["drop_draw"]))
+            self.conditioning.sampling, self.sampler, self.corpus_prompts, generator,
+            region_probabilities=region_probabilities, schedule=self.conditioning.schedule,
+            strength=self.conditioning.strength, text_drop_prob=self.conditioning.text_drop_prob,
+            importance_weighting=self.conditioning.importance_weighting,
+            draws=(prepared["replace_draw"], prepared["drop_draw"]))
         input_ids = self.prompt_encoder.tokenize(conditions.prompts)
         non_blocking = device.type == "cuda"  # the loader pinned these tensors
         return MicroBatch(
@@ -130,6 +130,6 @@ class ConditionAssembler:
             timesteps=prepared["timesteps"].to(device, non_blocking=non_blocking),
             conditions=conditions,
             input_ids=tuple(ids.to(device) for ids in input_ids),
-            time_ids=(prepared["time_ids"].to(device, non_blocking=non_blocking) if self.prompt_encoder.is_sdxl
+            time_ids=(prepared["time_ids"].to(device, non_blocking=non_blocking) if self.prompt_encoder.uses_time_ids
                       else None),
         )

@@ -1,4 +1,4 @@
-"""Online per-region teacher-student discrepancy tracking and ARIA's allocation rule (METHOD.md section 3).
+"""Online per-region teacher-student discrepancy tracking and ARIA's allocation rule (docs/method.md section 3).
 
 Per optimisation step, every process turns its samples into a small (regions x timestep-buckets)
 table of discrepancy sums and counts; the tables are summed across processes (one all-reduce) and
@@ -7,7 +7,7 @@ every process applies the identical update, so all processes hold the same track
 The allocation rule turns the tracked discrepancies into the sampling distribution over regions
 (always mixed with eps of the base distribution b, and b itself during warm-up):
 
-    level     pi ~ d_k^(1/tau)                                      (METHOD.md 3.3; the default)
+    level     pi ~ d_k^(1/tau)                                      (docs/method.md 3.3; the default)
     dro       pi ~ q_k,  log q_k <- log q_k + eta * d_k every step  (Group-DRO exponentiated weights)
     progress  pi ~ lp_k^(1/tau),  lp_k = max(0, 1 - d_k / d_slow_k) (learning progress: how fast d_k
               falls, from a fast and a slow EMA, so samples stop going to gaps the student cannot close)
@@ -16,10 +16,29 @@ State is plain float64 numpy, serialised to JSON lists: Python floats round-trip
 resumed run's tracker is bit-identical to an uninterrupted one.
 """
 
-ALLOCATION_RULES = ("level", "dro", "progress")
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+ALLOCATION_RULES = ("level", "dro", "progress")
+
+
+@dataclass(frozen=True)
+class RegionTrackerConfig:
+    """The --aria_* flags: how discrepancy is estimated per region and turned into an allocation."""
+
+    base: str  # uniform | corpus: the allocation ARIA's rule tilts
+    ema_decay: float
+    temperature: float
+    uniform_mix: float
+    warmup_steps: int
+    warmup_min_visits: int
+    normalize_timesteps: bool
+    timestep_buckets: int
+    allocation: str  # one of ALLOCATION_RULES
+    dro_step_size: float
+    progress_decay: float
 
 
 class RegionTracker:
@@ -80,15 +99,15 @@ class RegionTracker:
         self.slow_ema = np.zeros(num_regions)  # progress: a slower EMA of the same discrepancy
 
     @classmethod
-    def from_args(cls, args, sampler, num_train_timesteps):
-        """The tracker the training script's --aria_* flags describe, over `sampler`'s regions."""
+    def from_config(cls, config, sampler, num_train_timesteps):
+        """The tracker a `RegionTrackerConfig` describes, over `sampler`'s regions."""
         return cls(
-            sampler.num_regions, base_probabilities=sampler.corpus_probabilities if args.aria_base == "corpus" else None,
-            ema_decay=args.aria_ema_decay, temperature=args.aria_temperature, uniform_mix=args.aria_uniform_mix,
-            warmup_steps=args.aria_warmup_steps, warmup_min_visits=args.aria_warmup_min_visits,
-            normalize_timesteps=args.aria_normalize_timesteps, num_timestep_buckets=args.aria_timestep_buckets,
-            num_train_timesteps=num_train_timesteps, allocation=args.aria_allocation,
-            dro_step_size=args.aria_dro_step_size, progress_decay=args.aria_progress_decay)
+            sampler.num_regions, base_probabilities=sampler.corpus_probabilities if config.base == "corpus" else None,
+            ema_decay=config.ema_decay, temperature=config.temperature, uniform_mix=config.uniform_mix,
+            warmup_steps=config.warmup_steps, warmup_min_visits=config.warmup_min_visits,
+            normalize_timesteps=config.normalize_timesteps, num_timestep_buckets=config.timestep_buckets,
+            num_train_timesteps=num_train_timesteps, allocation=config.allocation,
+            dro_step_size=config.dro_step_size, progress_decay=config.progress_decay)
 
     # ----- statistics of one step -----------------------------------------------------------------
     def timestep_buckets(self, timesteps):

@@ -1,4 +1,4 @@
-"""Random Conditioning (METHOD.md section 2) and where its random prompts come from (section 3.3).
+"""Random Conditioning (docs/method.md section 2) and where its random prompts come from (section 3.3).
 
 All four `--condition_sampling` modes share one path: draw a region from a distribution over
 regions, then a prompt uniformly inside it. Only the region distribution differs:
@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 CONDITION_SAMPLING_MODES = ("paired", "random", "region_uniform", "aria")
+# The modes that draw random conditions region by region, and so need the region index.
+REGION_SAMPLING_MODES = ("region_uniform", "aria")
 
 
 def random_conditioning_probability(timesteps, num_train_timesteps, schedule="exp", strength=5.0):

@@ -1,4 +1,4 @@
-"""Region-aware evaluation: where does the student still disagree with its teacher? (METHOD.md section 4)
+"""Region-aware evaluation: where does the student still disagree with its teacher? (docs/method.md section 4)
 
 Two measurements, both with fixed seeds so that two calls give identical numbers:
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from aria_utils.cli import UserInputError
-from aria_utils.preemption import raise_if_preempted, stop_when_preempted
+from aria_utils.training.preemption import raise_if_preempted, stop_when_preempted
 
 
 class EvaluationError(UserInputError):
@@ -81,7 +81,7 @@ class DiscrepancyEvaluator:
         self.show_progress = show_progress
         self.latent_size = teacher_unet.config.sample_size
         # The image size the references are generated at (SDXL's micro-conditioning names it).
-        from aria_utils.teacher import vae_scale_factor
+        from aria_utils.families import vae_scale_factor
 
         self.resolution = self.latent_size * vae_scale_factor(vae.config)
 
@@ -89,18 +89,13 @@ class DiscrepancyEvaluator:
     @torch.no_grad()
     def encode_prompts(self, prompts):
         """(encoder hidden states, added_cond_kwargs or None) in the evaluation dtype."""
-        from aria_utils.teacher import default_time_ids
-
-        states, added = self.prompt_encoder.encode_prompts(list(prompts), self.device,
-                                                           default_time_ids(self.resolution, len(prompts)))
+        states, added = self.prompt_encoder.encode_prompts(list(prompts), self.device, image_size=self.resolution)
         if added is not None:
             added = {name: value.to(self.dtype) for name, value in added.items()}
         return states.to(self.dtype), added
 
     def _pipeline(self, unet):
-        from aria_utils.teacher import build_pipeline
-
-        return build_pipeline(unet, self.vae, self.prompt_encoder, self.sampling_scheduler)
+        return self.prompt_encoder.family.build_pipeline(unet, self.vae, self.prompt_encoder, self.sampling_scheduler)
 
     def _batches(self, count, batch_size, description):
         """Batch starts with a progress bar; a preemption stops the evaluation at the next batch."""

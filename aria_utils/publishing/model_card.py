@@ -11,19 +11,13 @@ import re
 import shlex
 
 TAGS = ["diffusers", "diffusers-training", "text-to-image", "stable-diffusion", "distillation", "bk-sdm", "aria"]
-# A distilled student is a derivative of its teacher: it carries the teacher family's license.
-FAMILY_LICENSES = {"sd-1": "creativeml-openrail-m", "sd-2": "openrail++", "sdxl": "openrail++"}
-
-
-def teacher_family(unet_config):
-    """sd-1, sd-2 or sdxl, from the teacher UNet's config (SD-2 uses linear projections, SDXL text_time)."""
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd-2" if unet_config.get("use_linear_projection") else "sd-1"
 
 
 def default_license(unet_config):
-    return FAMILY_LICENSES[teacher_family(unet_config)]
+    """A distilled student is a derivative of its teacher: it carries the licence of the teacher's family."""
+    from aria_utils.families import family_of_config
+
+    return family_of_config(unet_config).license(unet_config)
 
 
 def hub_base_model(teacher, override=None):
@@ -32,8 +26,8 @@ def hub_base_model(teacher, override=None):
         return override
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from aria_utils.hub import looks_like_local_path
-    from aria_utils.single_file import is_single_file
+    from aria_utils.publishing.hub import looks_like_local_path
+    from aria_utils.families.single_file import is_single_file
 
     if os.path.exists(teacher) or is_single_file(teacher) or looks_like_local_path(teacher):
         return None
@@ -97,9 +91,12 @@ def _resume_changes(resume_history):
 
 def write_model_card(output_dir, teacher, student_description, teacher_parameters, student_parameters, hyperparameters,
                      command, region_report=None, evaluation=None, validation_images=(), lora=False, base_model=None,
-                     license="creativeml-openrail-m", datasets=(), repo_id=None, sdxl=False, resume_history=()):
+                     license="creativeml-openrail-m", datasets=(), repo_id=None, family=None, resume_history=()):
     """Write OUTPUT_DIR/README.md; returns its path. `repo_id` names the model in the usage snippet
-    (the Hub repo when pushing, else the output folder); `sdxl` makes the snippet and tags SDXL's."""
+    (the Hub repo when pushing, else the output folder); `family` (the teacher's, default Stable
+    Diffusion 1.x/2.x) gives the snippet's pipeline and extra tags."""
+    from aria_utils.families.sd import STABLE_DIFFUSION
+
     from huggingface_hub import ModelCard, ModelCardData
 
     ratio = student_parameters / teacher_parameters if teacher_parameters else float("nan")
@@ -107,13 +104,14 @@ def write_model_card(output_dir, teacher, student_description, teacher_parameter
         f"| `{key}` | {markdown_text(value, 200)} |" for key, value in sorted(hyperparameters.items())
         if isinstance(value, (int, float, str, bool)) and value is not None)
     name = repo_id or output_dir
-    pipeline_name = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    family = family or STABLE_DIFFUSION
+    pipeline_name = family.pipeline_class_name
     usage = [f'pipe = {pipeline_name}.from_pretrained("{name}")']
     if lora:
         usage.append(f'pipe.load_lora_weights("{name}")')
     teacher_link = f"[`{teacher}`](https://huggingface.co/{teacher})" if base_model == teacher else f"`{teacher}`"
     metadata = ModelCardData(base_model=base_model, license=license, library_name="diffusers",
-                             pipeline_tag="text-to-image", tags=TAGS + (["stable-diffusion-xl"] if sdxl else []) + (["lora"] if lora else []),
+                             pipeline_tag="text-to-image", tags=TAGS + list(family.card_tags) + (["lora"] if lora else []),
                              datasets=list(datasets) or None)
     sections = [
         "---",

@@ -1,15 +1,15 @@
 """The final artefact: a full diffusers pipeline folder with the student UNet in the teacher's place."""
 
-from aria_utils.teacher import pipeline_class_of
+from aria_utils.families import family_of_pipeline
 
 
 def save_student_pipeline(student_unet, teacher_name_or_path, output_dir, load_kwargs=None):
     """Teacher's text encoder(s), VAE, tokenizer(s) and scheduler + the student UNet, in safetensors.
 
-    `StableDiffusionPipeline.from_pretrained(output_dir)` (`StableDiffusionXLPipeline` for an SDXL
-    teacher) loads it like any checkpoint of the teacher's family.
+    The pipeline class of the teacher's family (e.g. `StableDiffusionPipeline`) loads it like any checkpoint
+    of that family.
     """
-    cls, extra = pipeline_class_of(teacher_name_or_path, **(load_kwargs or {}))
+    cls, extra = family_of_pipeline(teacher_name_or_path, **(load_kwargs or {})).pipeline_class()
     pipeline = cls.from_pretrained(teacher_name_or_path, unet=student_unet, **extra, **(load_kwargs or {}))
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     return pipeline
@@ -20,7 +20,7 @@ def save_lora_student(trained_student, base_student, teacher_name_or_path, outpu
     the adapter fused into the student's weights and no separate LoRA file."""
     import os
 
-    from aria_utils.lora import LORA_WEIGHT_NAME, lora_layers_in_diffusers_format
+    from aria_utils.training.lora import LORA_WEIGHT_NAME, lora_layers_in_diffusers_format
 
     lora_layers = lora_layers_in_diffusers_format(trained_student)
     pipeline = save_student_pipeline(base_student, teacher_name_or_path, output_dir, load_kwargs)

