@@ -281,6 +281,11 @@ def number_problem(args):
 def combination_problem(args):
     if args.lora_merge and not args.use_lora:
         return "--lora_merge needs --use_lora."
+    if args.use_lora and not args.student_model_name_or_path and not students.inherits_teacher_weights(
+            args.student_config):
+        return (f"--use_lora with --student_config {args.student_config}: a channel-reduced student starts from a "
+                "random init, so an adapter over its frozen weights would learn on noise. Train it whole (drop "
+                "--use_lora), or use LoRA on a BK student.")
     if args.hub_push_checkpoints and not args.push_to_hub:
         return "--hub_push_checkpoints needs --push_to_hub."
     if args.eval_steps is not None and args.eval_prompt_file is None:
@@ -443,7 +448,7 @@ def check_batch_fits(args, num_paired, num_processes):
                          "latents: lower --train_batch_size, or generate more paired data.")
 
 
-def memory_report(teacher_unet, text_encoders, student, use_8bit_adam):
+def memory_report(teacher_unet, text_encoders, student, use_8bit_adam, feature_projectors=None):
     """Parameter and optimizer-state memory, so a user sees what will not fit before it fails."""
     def size(module, trainable_only=False):
         parameters = [p for p in module.parameters() if p.requires_grad or not trainable_only]
@@ -453,11 +458,15 @@ def memory_report(teacher_unet, text_encoders, student, use_8bit_adam):
     text_bytes = sum(size(text_encoder)[1] for text_encoder in text_encoders)
     student_count, student_bytes = size(student)
     trainable_count, _ = size(student, trainable_only=True)
+    projector_count, projector_bytes = size(feature_projectors) if feature_projectors is not None else (0, 0)
+    trainable_count += projector_count  # trained with the student, so they have optimizer state too
     optimizer_bytes = trainable_count * (2 if use_8bit_adam else 8)  # two moments, 1 or 4 bytes each
     gib = 1024 ** 3
+    projectors = (f", feature projectors {projector_count / 1e6:.2f}M params {projector_bytes / gib:.2f} GiB"
+                  if feature_projectors is not None else "")
     return (f"Memory: teacher UNet {teacher_count / 1e6:.1f}M params {teacher_bytes / gib:.2f} GiB, text encoder(s) "
-            f"{text_bytes / gib:.2f} GiB; student {student_count / 1e6:.1f}M params {student_bytes / gib:.2f} GiB, "
-            f"{trainable_count / 1e6:.2f}M trainable; optimizer state {optimizer_bytes / gib:.2f} GiB "
+            f"{text_bytes / gib:.2f} GiB; student {student_count / 1e6:.1f}M params {student_bytes / gib:.2f} GiB"
+            f"{projectors}, {trainable_count / 1e6:.2f}M trainable; optimizer state {optimizer_bytes / gib:.2f} GiB "
             f"({'8-bit' if use_8bit_adam else 'fp32'} AdamW)")
 
 
@@ -676,6 +685,11 @@ class Models:
     student: object
     ema_student: object
     use_lora: bool
+    feature_projectors: object = None  # a channel-reduced student's learned feature projections (trained too)
+
+    def trained_parameters(self):
+        projected = list(self.feature_projectors.parameters()) if self.feature_projectors is not None else []
+        return trainable_parameters(self.student) + projected
 
     def ema_parameters(self, model):
         # With LoRA only the adapter changes: its EMA is all there is to average (and to store).
@@ -700,6 +714,11 @@ def set_up_run(args):
     check_mixed_precision(accelerator)
     check_process_group(accelerator)
     uses_deepspeed = configure_deepspeed(accelerator, args)
+    if uses_deepspeed and not args.student_model_name_or_path and not students.inherits_teacher_weights(
+            args.student_config):
+        # Accelerate gives DeepSpeed one engine, one model: the feature projections would be a second one.
+        raise SystemExit(f"error: --student_config {args.student_config} trains feature projections beside the "
+                         "student, and Accelerate's DeepSpeed integration trains one model: use DDP or FSDP.")
     if accelerator.distributed_type == "FSDP" and args.use_ema:
         # Each process holds a shard of every parameter: an EMA of it would be saved and restored incompletely.
         raise SystemExit("error: --use_ema is not supported under FSDP (the average would cover one shard per "
@@ -831,7 +850,13 @@ def load_models(run):
 
         # Frozen base in the compute dtype, trainable adapter in fp32 (no "unscale FP16 gradients" error).
         add_lora_adapter(student, args.lora_rank, args.lora_alpha, args.lora_target_modules, base_dtype=weight_dtype)
-    logger.info(memory_report(teacher_unet, text_encoders, student, args.use_8bit_adam))
+    feature_projectors = None
+    if students.needs_feature_projection(student, teacher_unet):
+        from aria_utils.training.feature_projectors import FeatureProjectors
+
+        # Drawn after the student's own random init, from the same seeded generator.
+        feature_projectors = FeatureProjectors(student, teacher_unet, students.feature_layer_pairs(student, teacher_unet))
+    logger.info(memory_report(teacher_unet, text_encoders, student, args.use_8bit_adam, feature_projectors))
     if args.enable_xformers_memory_efficient_attention:
         teacher_unet.enable_xformers_memory_efficient_attention()
         student.enable_xformers_memory_efficient_attention()
@@ -841,7 +866,7 @@ def load_models(run):
                     vae=teacher.vae, noise_scheduler=teacher.noise_scheduler, text_encoders=text_encoders,
                     # Prompts -> what both UNets are conditioned on (hidden states, and e.g. SDXL's pooled embeddings).
                     prompt_encoder=family.prompt_encoder(teacher.tokenizers, text_encoders),
-                    student=student, ema_student=None, use_lora=args.use_lora)
+                    student=student, ema_student=None, use_lora=args.use_lora, feature_projectors=feature_projectors)
     if args.use_ema:
         models.ema_student = EMAModel(models.ema_parameters(student), decay=args.ema_decay,
                                       model_cls=None if args.use_lora else UNet2DConditionModel,
@@ -889,14 +914,20 @@ class Trainer:
         args, accelerator, configs = run.args, run.accelerator, run.configs
         self.run, self.data, self.models, self.args, self.accelerator = run, data, models, args, accelerator
         self.total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        optimizer = build_optimizer(configs.optimizer, trainable_parameters(models.student), self.total_batch_size)
+        optimizer = build_optimizer(configs.optimizer, models.trained_parameters(), self.total_batch_size)
         self.max_train_steps = (args.max_train_steps
                                 or args.num_train_epochs * math.ceil(len(data.paired) / self.total_batch_size))
         # The prepared scheduler steps once per process per optimisation step.
         lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
                                      num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                      num_training_steps=self.max_train_steps * accelerator.num_processes)
-        self.student, self.optimizer, self.lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
+        self.feature_projectors = None
+        if models.feature_projectors is not None:
+            self.student, self.feature_projectors, self.optimizer, self.lr_scheduler = accelerator.prepare(
+                models.student, models.feature_projectors, optimizer, lr_scheduler)
+        else:
+            self.student, self.optimizer, self.lr_scheduler = accelerator.prepare(models.student, optimizer,
+                                                                                  lr_scheduler)
 
         self.sampler = self.region_tracker = None
         if data.corpus is not None:
@@ -929,7 +960,8 @@ class Trainer:
             self.region_tracker, self.max_train_steps, configs.batch, configs.conditioning, configs.loss_weights,
             configs.optimizer.max_grad_norm, start_step=self.state.global_step, ema_student=models.ema_student,
             ema_parameters=models.ema_parameters, weight_dtype=run.weight_dtype,
-            default_time_ids=models.prompt_encoder.default_time_ids(latent_image_size, 1))
+            default_time_ids=models.prompt_encoder.default_time_ids(latent_image_size, 1),
+            feature_projectors=self.feature_projectors)
 
     def resume(self):
         """Restore the checkpoint's models, optimizer, schedule, EMA, RNG and tracker; this run's flags win."""

@@ -325,7 +325,12 @@ def test_single_process_launcher_signalled_or_killed_leaves_a_checkpoint(assets,
     assert not trainer.is_running()
     assert "Preempted: checkpoint-" in log, log[-3000:]
     if moment == "validation":
-        assert "Validation at step 2 stopped by the preemption request" in log, log[-3000:]
+        # Stopped before its last denoising step: the grid of step 2 was never written.
+        assert not (output / "validation" / "step-2.png").exists()
+        if signum == signal.SIGTERM:
+            # Not asserted after kill -9: under load, lines logged just after the launcher's death have been
+            # missing from the broken-pipe file (README, Known limits), while the run itself stopped as it should.
+            assert "Validation at step 2 stopped by the preemption request" in log, log[-3000:]
     checkpoints = complete_checkpoints(str(output))
     assert len(checkpoints) == 1 and checkpoints[0][0] >= 2
     assert resolve_resume_checkpoint(str(output), "latest") == checkpoints[0][1]

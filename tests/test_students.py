@@ -111,3 +111,59 @@ def test_bk_tiny_feature_pairs_are_bk_sdm_s(assets):
     assert pairs["down_blocks.2.attentions.0.proj_out"] == "down_blocks.2.attentions.1.proj_out"
     assert "down_blocks.2" not in pairs  # the stage output (after the residual) is not compared
     assert pairs["down_blocks.0"] == "down_blocks.0" and pairs["up_blocks.0"] == "up_blocks.1"
+
+
+# ------------------------------------------------------------------ Random Conditioning's channel-reduced students
+# RC's widths: 0.8 / 0.7 / 0.6 / 0.5 of SD-1.x's 320-640-1280-1280.
+RC_WIDTHS = {"c_base": [256, 512, 1024, 1024], "c_small": [224, 448, 896, 896], "c_tiny": [192, 384, 768, 768],
+             "c_micro": [160, 320, 640, 640]}
+
+
+@pytest.mark.parametrize("variant", list(RC_WIDTHS))
+def test_channel_reduced_configs_keep_the_layout_and_narrow_every_stage(variant):
+    import os
+    import re
+
+    config = student_config_from_teacher(SD14_UNET_CONFIG, variant)
+    assert config["block_out_channels"] == RC_WIDTHS[variant]
+    for key in ("down_block_types", "up_block_types", "layers_per_block", "cross_attention_dim", "attention_head_dim"):
+        assert config.get(key) == SD14_UNET_CONFIG.get(key), key
+    student = empty_unet(config)
+    assert student.mid_block is not None
+    millions = f"{count_parameters(student) / 1e6:.1f}M"
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    assert re.search(rf"\| `{variant}` \|[^\n]*{re.escape(millions)}", readme), (variant, millions)
+
+
+def test_sd2_heads_keep_their_width_where_the_count_does_not_divide():
+    config = student_config_from_teacher(SD21_UNET_CONFIG, "c_small")
+    widths, heads = config["block_out_channels"], config["attention_head_dim"]
+    assert all(width % count == 0 for width, count in zip(widths, heads))
+    assert [width // count for width, count in zip(widths, heads)] == [32, 64, 64, 64]  # 224 = 7 heads of 32
+    empty_unet(config)  # diffusers builds it
+
+
+def test_sdxl_teachers_have_no_channel_reduced_students():
+    sdxl_like = dict(SD14_UNET_CONFIG, addition_embed_type="text_time")
+    with pytest.raises(ValueError, match="koala"):
+        student_config_from_teacher(sdxl_like, "c_small")
+
+
+def test_channel_reduced_students_start_at_random_and_project_rc_layers():
+    from aria_utils.families.unet_students import needs_feature_projection
+    from aria_utils.training.feature_projectors import FeatureProjectors
+
+    teacher = empty_unet(SD14_UNET_CONFIG)
+    student = empty_unet(student_config_from_teacher(SD14_UNET_CONFIG, "c_small"))
+    assert needs_feature_projection(student, teacher)
+    names = [student_name for student_name, _ in feature_layer_pairs(student, teacher)]
+    assert names == ["down_blocks.0.downsamplers.0.conv", "down_blocks.1.downsamplers.0.conv",
+                     "down_blocks.2.downsamplers.0.conv", "down_blocks.3.resnets.1.conv2",
+                     "mid_block.attentions.0.proj_out", "up_blocks.0.upsamplers.0.conv",
+                     "up_blocks.1.upsamplers.0.conv", "up_blocks.2.upsamplers.0.conv",
+                     "up_blocks.3.attentions.2.proj_out"]
+    with init_empty_weights():
+        projectors = FeatureProjectors(student, teacher, feature_layer_pairs(student, teacher))
+    shapes = [tuple(projection.weight.shape) for projection in projectors.projections]
+    assert shapes[0] == (320, 224, 1, 1) and shapes[3] == (1280, 896, 1, 1) and shapes[-1] == (320, 224, 1, 1)
+

@@ -12,6 +12,15 @@ KOALA students (Lee et al. 2023) for SDXL teachers:
 
 From SDXL-base's UNet (2,567M parameters) these give KOALA's 1,161M and 783M.
 
+Random Conditioning's channel-reduced students (Kim et al., CVPR 2025) for SD-1.x/2.x teachers:
+
+- c_base / c_small / c_tiny / c_micro: the teacher's whole block layout with every stage's width
+  scaled by 0.8 / 0.7 / 0.6 / 0.5 (SD-1.x 320-640-1280-1280 -> 256-512-1024-1024, 224-448-896-896,
+  192-384-768-768, 160-320-640-640), rounded to a multiple of the GroupNorm group count. Other widths
+  than the teacher's: no weight can be copied, so they start from a seeded random init, and feature
+  KD goes through learned projections (`feature_projectors.py`) at RC's layers
+  (`channel_feature_layer_pairs`).
+
 Works for any SD-1.x/2.x- or SDXL-style config: only the block layout changes, every other field
 (attention heads, linear projection, cross-attention width, added conditions, sample size) is kept
 from the teacher.
@@ -28,7 +37,9 @@ import re
 BK_VARIANTS = ("bk_base", "bk_small", "bk_tiny")
 # variant -> (fraction of the innermost stage's transformer depth kept, mid block kept)
 KOALA_VARIANTS = {"koala_1b": (0.6, True), "koala_700m": (0.5, False)}
-STUDENT_VARIANTS = BK_VARIANTS + tuple(KOALA_VARIANTS)
+# variant -> the fraction of every stage's width kept
+CHANNEL_VARIANTS = {"c_base": 0.8, "c_small": 0.7, "c_tiny": 0.6, "c_micro": 0.5}
+STUDENT_VARIANTS = BK_VARIANTS + tuple(KOALA_VARIANTS) + tuple(CHANNEL_VARIANTS)
 
 # Config fields holding one value per down stage (outermost first).
 _PER_STAGE_FIELDS = (
@@ -50,6 +61,8 @@ def student_config_from_teacher(teacher_config, variant):
     if variant not in STUDENT_VARIANTS:
         raise ValueError(f"--student_config {variant!r} is unknown; choose one of {', '.join(STUDENT_VARIANTS)}.")
     config = {key: value for key, value in dict(teacher_config).items() if not key.startswith("_")}
+    if variant in CHANNEL_VARIANTS:
+        return _narrowed(config, variant)
     num_stages = len(config["down_block_types"])
     layers = config.get("layers_per_block", 2)
     config["layers_per_block"] = [1] * num_stages if isinstance(layers, (list, tuple)) else 1
@@ -76,8 +89,49 @@ def student_config_from_teacher(teacher_config, variant):
 
 
 def student_family(variant):
-    """The paper a student variant comes from, for the model card: BK-SDM or KOALA."""
+    """The paper a student variant comes from, for the model card."""
+    if variant in CHANNEL_VARIANTS:
+        return "Random Conditioning channel-reduced"
     return "KOALA" if variant in KOALA_VARIANTS else "BK-SDM"
+
+
+def inherits_teacher_weights(variant):
+    """Whether a variant's weights are copied from the teacher (the same widths) or start at random."""
+    return variant not in CHANNEL_VARIANTS
+
+
+def _narrowed(config, variant):
+    """Every stage's width times CHANNEL_VARIANTS[variant]; the block layout and the mid block are kept.
+
+    Attention heads: the teacher's head count is kept where it divides the new width (SD-1.x: 8 heads,
+    so 40/80/160-dim heads become 32/64/128 in c_base); where it does not (SD-2.x's 64-dim heads, 5/10/20
+    of them), the teacher's head width is kept, halved until it divides the new width (c_small: 224 = 7
+    heads of 32).
+    """
+    if config.get("addition_embed_type") is not None:
+        raise ValueError(f"--student_config {variant} is a channel-reduced student of an SD-1.x/2.x teacher; this "
+                         "teacher adds conditions to its time embedding (SDXL): use koala_1b or koala_700m.")
+    fraction = CHANNEL_VARIANTS[variant]
+    groups = config.get("norm_num_groups", 32)
+    teacher_widths = list(config["block_out_channels"])
+    widths = [max(groups, int(width * fraction / groups + 0.5) * groups) for width in teacher_widths]
+    num_stages = len(widths)
+    heads_field = "num_attention_heads" if config.get("num_attention_heads") is not None else "attention_head_dim"
+    heads = config.get(heads_field) or 8
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * num_stages
+    new_heads = []
+    for teacher_width, width, count in zip(teacher_widths, widths, heads):
+        if width % count == 0:
+            new_heads.append(count)
+            continue
+        head_width = teacher_width // count
+        while head_width > 1 and width % head_width:
+            head_width //= 2
+        new_heads.append(width // head_width)
+    config["block_out_channels"] = widths
+    original = config.get(heads_field)
+    config[heads_field] = original if isinstance(original, int) and set(new_heads) == {original} else new_heads
+    return config
 
 
 def _apply_koala(config, variant):
@@ -179,15 +233,27 @@ def init_student_from_teacher(student, teacher):
 
 
 def build_student(teacher_unet, variant):
-    """A BK-SDM student UNet (fp32) initialised from `teacher_unet`."""
+    """The student UNet (fp32): initialised from `teacher_unet` (BK-SDM, KOALA), or, for a channel-reduced
+    variant, from torch's random generator (seeded by the caller)."""
     from diffusers import UNet2DConditionModel
 
     student = UNet2DConditionModel.from_config(student_config_from_teacher(teacher_unet.config, variant))
+    if not inherits_teacher_weights(variant):
+        return student
     return init_student_from_teacher(student, teacher_unet)
+
+
+def needs_feature_projection(student, teacher):
+    """A narrower student (channel-reduced: the teacher's stages, other widths) compares its features through
+    learned projections. Block-removed students keep the widths of the stages they keep."""
+    student_widths, teacher_widths = list(student.config.block_out_channels), list(teacher.config.block_out_channels)
+    return len(student_widths) == len(teacher_widths) and student_widths != teacher_widths
 
 
 def feature_layer_pairs(student, teacher):
     """(student module name, teacher module name) pairs whose outputs feature KD compares.
+
+    A channel-reduced student: RC's layers (`channel_feature_layer_pairs`). Otherwise:
 
     Outputs of every down and up stage. A student stage that lost its downsampler (bk_tiny's
     innermost kept stage) does not match the teacher's stage output in resolution; there, as in
@@ -195,6 +261,8 @@ def feature_layer_pairs(student, teacher):
     compared: teacher `down_blocks.2.attentions.1.proj_out` with student
     `down_blocks.2.attentions.0.proj_out` for SD-1.x.
     """
+    if needs_feature_projection(student, teacher):
+        return channel_feature_layer_pairs(student)
     pairs = []
     for index, block in enumerate(student.down_blocks):
         teacher_block = teacher.down_blocks[index]
@@ -210,6 +278,28 @@ def feature_layer_pairs(student, teacher):
     for index in range(len(student.up_blocks)):
         pairs.append((f"up_blocks.{index}", f"up_blocks.{index + up_offset}"))
     return pairs
+
+
+def channel_feature_layer_pairs(student):
+    """Random Conditioning's feature-KD layers of a channel-reduced student, which has the teacher's layout (so
+    each name is the same in both): the down- and up-samplers' convolutions, the mid block's attention output,
+    the innermost down stage's last resnet and the outermost up stage's last attention output. For SD-1.x:
+    down_blocks.{0,1,2}.downsamplers.0.conv, down_blocks.3.resnets.1.conv2, mid_block.attentions.0.proj_out,
+    up_blocks.{0,1,2}.upsamplers.0.conv, up_blocks.3.attentions.2.proj_out."""
+    names = [f"down_blocks.{index}.downsamplers.0.conv" for index, block in enumerate(student.down_blocks)
+             if block.downsamplers is not None]
+    innermost = len(student.down_blocks) - 1
+    names.append(f"down_blocks.{innermost}.resnets.{len(student.down_blocks[innermost].resnets) - 1}.conv2")
+    if student.mid_block is not None and getattr(student.mid_block, "attentions", None):
+        names.append("mid_block.attentions.0.proj_out")
+    names += [f"up_blocks.{index}.upsamplers.0.conv" for index, block in enumerate(student.up_blocks)
+              if block.upsamplers is not None]
+    outermost = student.up_blocks[-1]
+    if getattr(outermost, "attentions", None):
+        names.append(f"up_blocks.{len(student.up_blocks) - 1}.attentions.{len(outermost.attentions) - 1}.proj_out")
+    else:
+        names.append(f"up_blocks.{len(student.up_blocks) - 1}.resnets.{len(outermost.resnets) - 1}.conv2")
+    return [(name, name) for name in names]
 
 
 def count_parameters(module):

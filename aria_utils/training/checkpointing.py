@@ -421,10 +421,15 @@ class StudentCheckpointHooks:
     def save_model_hook(self, models, weights, output_dir):
         from safetensors.torch import save_file
 
+        from aria_utils.training.feature_projectors import FeatureProjectors, save_feature_projectors
         from aria_utils.training.lora import has_lora, save_adapter_checkpoint
 
         for model in models:
             unwrapped = self.accelerator.unwrap_model(model)
+            if isinstance(unwrapped, FeatureProjectors):  # trained with a channel-reduced student
+                if self.accelerator.is_main_process:
+                    save_feature_projectors(unwrapped, output_dir)
+                continue
             if has_lora(unwrapped):
                 # The frozen base is rebuilt deterministically on resume; only the adapter is state.
                 if self.accelerator.is_main_process:
@@ -458,10 +463,14 @@ class StudentCheckpointHooks:
             self.ema_model.load_state_dict(loaded.state_dict())
             self.ema_model.to(self.accelerator.device)
             del loaded
+        from aria_utils.training.feature_projectors import FeatureProjectors, load_feature_projectors
         from aria_utils.training.lora import has_lora, load_adapter_checkpoint
 
         while models:
             model = self.accelerator.unwrap_model(models.pop())
+            if isinstance(model, FeatureProjectors):
+                load_feature_projectors(model, input_dir)
+                continue
             if has_lora(model):
                 load_adapter_checkpoint(model, input_dir)
                 continue

@@ -45,7 +45,7 @@ class DistillationStep:
     def __init__(self, accelerator, student, teacher_unet, prompt_encoder, noise_scheduler, optimizer, lr_scheduler,
                  loss_fn, student_features, teacher_features, assemble_micro_batch, micro_batches, sampler,
                  conditioning, region_tracker=None, ema_student=None, ema_parameters=None,
-                 gradient_accumulation_steps=1, max_grad_norm=1.0, weight_dtype=torch.float32):
+                 gradient_accumulation_steps=1, max_grad_norm=1.0, weight_dtype=torch.float32, feature_projectors=None):
         self.accelerator = accelerator
         self.student, self.teacher_unet, self.prompt_encoder = student, teacher_unet, prompt_encoder
         self.noise_scheduler = noise_scheduler
@@ -58,6 +58,8 @@ class DistillationStep:
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.weight_dtype = weight_dtype
+        self.feature_projectors = feature_projectors  # prepared; None when the widths match the teacher's
+        self.trained_models = [student] + ([feature_projectors] if feature_projectors is not None else [])
 
     def region_distribution(self):
         if self.sampler is None or not self.conditioning.draws_random_conditions:
@@ -87,7 +89,7 @@ class DistillationStep:
             noisy_latents = self.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
             target = training_target(self.prediction_type, self.noise_scheduler, batch.latents, batch.noise,
                                      batch.timesteps)
-            with accelerator.accumulate(self.student):
+            with accelerator.accumulate(*self.trained_models):
                 with torch.no_grad():
                     # added_cond_kwargs: SDXL's pooled text embeddings and time ids (None for SD-1.x/2.x).
                     encoder_hidden_states, added_cond_kwargs = self.prompt_encoder.encode(batch.input_ids,
@@ -96,7 +98,10 @@ class DistillationStep:
                                                      encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
                 student_pred = self.student(noisy_latents, batch.timesteps, encoder_hidden_states,
                                             added_cond_kwargs=added_cond_kwargs).sample
-                losses = self.loss_fn(student_pred, teacher_pred, target, self.student_features.features(),
+                student_features = self.student_features.features()
+                if self.feature_projectors is not None:
+                    student_features = self.feature_projectors(student_features)
+                losses = self.loss_fn(student_pred, teacher_pred, target, student_features,
                                       self.teacher_features.features(),
                                       batch.conditions.is_paired.to(accelerator.device),
                                       batch.conditions.sample_weights.to(accelerator.device))
@@ -111,7 +116,8 @@ class DistillationStep:
                     # Every process must take the same decision, or DDP replicas drift apart.
                     step_is_finite = all_processes_agree(accelerator, locally_finite)
                     if step_is_finite:
-                        accelerator.clip_grad_norm_(self.student.parameters(), self.max_grad_norm)
+                        accelerator.clip_grad_norm_([parameter for model in self.trained_models
+                                                     for parameter in model.parameters()], self.max_grad_norm)
                         self.optimizer.step()
                         self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -154,13 +160,15 @@ class DistillationStep:
 def build_distillation_step(accelerator, student, teacher_unet, prompt_encoder, noise_scheduler, optimizer,
                             lr_scheduler, paired, caption_region_ids, corpus_prompts, sampler, region_tracker, max_train_steps,
                             batch, conditioning, loss_weights, max_grad_norm, start_step=0, ema_student=None,
-                            ema_parameters=None, weight_dtype=torch.float32, default_time_ids=None):
+                            ema_parameters=None, weight_dtype=torch.float32, default_time_ids=None,
+                            feature_projectors=None):
     """The step a run's configs describe (`batch`: BatchConfig, `conditioning`: ConditioningConfig,
     `loss_weights`: LossWeights), with its data pipeline positioned at `start_step`.
 
     `student`, `optimizer` and `lr_scheduler` are the prepared ones. The feature hooks sit on the
     unwrapped modules; call `step.close()` to remove them. `default_time_ids` are the micro-conditioning
-    of latents whose paired set stores none (families that take image sizes, e.g. SDXL).
+    of latents whose paired set stores none (families that take image sizes, e.g. SDXL);
+    `feature_projectors` (prepared) map a narrower student's features to the teacher's widths.
     """
     from aria_utils.data.step_batches import ConditionAssembler, PairedMicroBatches, micro_batch_loader
     from aria_utils.families.unet_students import feature_layer_pairs
@@ -183,7 +191,8 @@ def build_distillation_step(accelerator, student, teacher_unet, prompt_encoder, 
         DistillationLoss(loss_weights.task, loss_weights.kd_output, loss_weights.kd_feat), student_features,
         teacher_features, assemble_micro_batch, micro_batch_iterator, sampler, conditioning,
         region_tracker=region_tracker, ema_student=ema_student, ema_parameters=ema_parameters,
-        gradient_accumulation_steps=accumulation, max_grad_norm=max_grad_norm, weight_dtype=weight_dtype)
+        gradient_accumulation_steps=accumulation, max_grad_norm=max_grad_norm, weight_dtype=weight_dtype,
+        feature_projectors=feature_projectors)
 
 
 def build_optimizer(config, parameters, total_batch_size):

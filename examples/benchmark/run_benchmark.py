@@ -201,8 +201,10 @@ def train_student(initial_student, teacher, data, args, steps, evaluate=None, ev
     """`steps` optimisation steps of the training script's step; the evaluation curve and the run's costs."""
     from diffusers.optimization import get_scheduler
 
+    from aria_utils.families.unet_students import feature_layer_pairs, needs_feature_projection
     from aria_utils.method.region_tracker import RegionTracker
     from aria_utils.training.distillation_step import build_distillation_step, build_optimizer
+    from aria_utils.training.feature_projectors import FeatureProjectors
     from aria_utils.training.lora import trainable_parameters
     from train_aria_distill import configs_from_args
 
@@ -210,17 +212,27 @@ def train_student(initial_student, teacher, data, args, steps, evaluate=None, ev
     accelerator = data["accelerator"]
     student = copy.deepcopy(initial_student)
     student.train()
-    optimizer = build_optimizer(configs.optimizer, trainable_parameters(student), args.train_batch_size)
+    projectors = None
+    if needs_feature_projection(student, teacher.unet):  # a channel-reduced student: projections, as in the script
+        with torch.random.fork_rng():
+            torch.manual_seed(args.seed)
+            projectors = FeatureProjectors(student, teacher.unet, feature_layer_pairs(student, teacher.unet))
+    parameters = trainable_parameters(student) + (list(projectors.parameters()) if projectors is not None else [])
+    optimizer = build_optimizer(configs.optimizer, parameters, args.train_batch_size)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=steps)
-    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    if projectors is not None:
+        student, projectors, optimizer, lr_scheduler = accelerator.prepare(student, projectors, optimizer,
+                                                                           lr_scheduler)
+    else:
+        student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     tracker = RegionTracker.from_config(configs.region_tracker, data["sampler"],
                                         teacher.noise_scheduler.config.num_train_timesteps)
     step = build_distillation_step(
         accelerator, student, teacher.unet, teacher.prompt_encoder(), teacher.noise_scheduler,
         optimizer, lr_scheduler, data["paired"], data["caption_region_ids"], data["corpus"].prompts,
         data["sampler"], tracker, steps, configs.batch, configs.conditioning, configs.loss_weights,
-        configs.optimizer.max_grad_norm)
+        configs.optimizer.max_grad_norm, feature_projectors=projectors)
     curve, step_times, tracker_times = [], [], []
     allocation = np.zeros(data["sampler"].num_regions)  # summed region distribution of the random conditions
     for global_step in range(steps):
