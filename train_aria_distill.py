@@ -1066,9 +1066,10 @@ class Trainer:
                 ema_student.restore(self.models.ema_parameters(model))
 
     def log_regions(self, step):
-        """Main process: each region's tracked discrepancy, probability and visits, one scalar each."""
+        """Main process: each region's tracked discrepancy, probability and visits, one scalar each (the
+        estimates and probabilities `record_step` just put into the region history for this step)."""
         region_tracker = self.region_tracker
-        estimates, probabilities = region_tracker.estimates(), region_tracker.probabilities()
+        _, estimates, probabilities = self.state.region_history[-1]
         logs = {}
         for region in range(region_tracker.num_regions):
             logs[f"aria/discrepancy/region_{region:02d}"] = estimates[region]

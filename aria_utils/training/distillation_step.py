@@ -60,6 +60,8 @@ class DistillationStep:
         self.weight_dtype = weight_dtype
         self.feature_projectors = feature_projectors  # prepared; None when the widths match the teacher's
         self.trained_models = [student] + ([feature_projectors] if feature_projectors is not None else [])
+        # Listed once: clipping runs every optimisation step.
+        self.trained_parameters = [parameter for model in self.trained_models for parameter in model.parameters()]
 
     def region_distribution(self):
         if self.sampler is None or not self.conditioning.draws_random_conditions:
@@ -116,8 +118,7 @@ class DistillationStep:
                     # Every process must take the same decision, or DDP replicas drift apart.
                     step_is_finite = all_processes_agree(accelerator, locally_finite)
                     if step_is_finite:
-                        accelerator.clip_grad_norm_([parameter for model in self.trained_models
-                                                     for parameter in model.parameters()], self.max_grad_norm)
+                        accelerator.clip_grad_norm_(self.trained_parameters, self.max_grad_norm)
                         self.optimizer.step()
                         self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
