@@ -1,15 +1,24 @@
 """Region-aware evaluation of one or more students against their teacher.
 
-    python -m aria_utils.evaluate --teacher T --student S [--student NAME=PATH ...] \
+    [accelerate launch -m] python -m aria_utils.evaluate --teacher T --student S [--student NAME=PATH ...] \
         --prompt_file heldout.csv [--prompt_column prompt] [--category_column category] \
-        --region_cache_dir R --output_dir E [--paired_data_dir teacher-data]
+        --region_cache_dir R --output_dir E [--paired_data_dir teacher-data] \
+        [--metrics discrepancy fid is clip]
+
+Two kinds of measurement (`--metrics`):
+- `discrepancy` (default): the teacher-student noise-prediction gap per region, group, category and
+  timestep, plus sample comparisons (evaluation/discrepancy.py). Main process only.
+- `fid`, `is`, `clip`: the field's image metrics on images every model generates for the prompt file,
+  overall and per split (evaluation/image_evaluation.py); generation and scoring are spread over the
+  processes of `accelerate launch` and resume after a stop.
 
 Writes `report.json` (machine-readable: command, seeds, versions, all numbers), `report.md`
-(tables), `discrepancy_per_region.png`, `discrepancy_per_group.png` (when groups exist) and
+(tables, including BK-SDM's form: UNet parameters, FID, IS, CLIP per group), `image_metrics.png`,
+`discrepancy_per_region.png`, `discrepancy_per_group.png` (when groups exist) and
 `samples_<student>.png` (teacher row over student row, grouped by region).
 """
 
-import json
+import importlib.metadata
 import logging
 import os
 import platform
@@ -32,10 +41,16 @@ from aria_utils.evaluation.discrepancy import (
     region_labels,
     summarise_discrepancy,
 )
+from aria_utils.evaluation.image_evaluation import FID_MIN_IMAGES, IMAGE_METRICS, ImageEvaluation, ImageMetricsConfig
+from aria_utils.evaluation.image_metrics import DEFAULT_CLIP_MODEL
+from aria_utils.evaluation.report import plot_reports, save_sample_grid, write_markdown
+from aria_utils.files import write_json_atomically
 from aria_utils.publishing.hub import pretrained_source_problem
 from aria_utils.data.prompts import PromptCorpusError, check_prompt_file
 
 logger = logging.getLogger(__name__)
+
+TEACHER_NAME = "teacher"  # the teacher's image set; the reference of FID by default
 
 
 # A student's name becomes part of file names (samples_<name>.png): no folders, no "..".
@@ -76,7 +91,25 @@ def parse_args(argv=None):
     parser.add_argument("--num_inference_steps", type=int, default=10, help="DDIM steps of teacher/student samples.")
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--num_sample_prompts_per_region", type=int, default=2)
-    parser.add_argument("--clip_model_name_or_path", default=None, help="transformers CLIPModel for CLIP scores.")
+    parser.add_argument("--metrics", nargs="+", choices=["discrepancy", *IMAGE_METRICS], default=["discrepancy"],
+                        help="discrepancy: teacher-student noise gap per region; fid / is / clip: the field's image "
+                             "metrics on generated images (README: Image metrics).")
+    parser.add_argument("--image_resolution", type=int, default=None,
+                        help="Generation size in pixels (default: the teacher's, e.g. 512 for SD-1.x).")
+    parser.add_argument("--eval_resolution", type=int, default=256,
+                        help="Images are resized to this before scoring (BK-SDM: 512 generated, 256 scored); "
+                             "0 scores them as generated.")
+    parser.add_argument("--image_inference_steps", type=int, default=25,
+                        help="Sampler steps of the images for fid / is / clip (the teacher's own scheduler).")
+    parser.add_argument("--images_per_prompt", type=int, default=1)
+    parser.add_argument("--fid_reference", default="teacher",
+                        help="'teacher' (each split against the teacher's images of that split), a pytorch-fid .npz "
+                             "(mu, sigma; e.g. MS-COCO's) or a folder of reference images.")
+    parser.add_argument("--inception_weights", default=None,
+                        help="Local safetensors file of the FID Inception-v3 weights (default: the library's "
+                             "download of the 2015-12-05 weights).")
+    parser.add_argument("--clip_model_name_or_path", default=None,
+                        help=f"transformers CLIPModel folder or hub id for the clip metric (default {DEFAULT_CLIP_MODEL}).")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--seed", type=int, default=0)
@@ -100,9 +133,49 @@ def parse_args(argv=None):
     problem = pretrained_source_problem(args.teacher, "--teacher", ["unet/config.json", "scheduler/", "vae/"])
     for _, path in args.student:
         problem = problem or pretrained_source_problem(path, "--student")
+    problem = problem or image_metric_flags_problem(args)
     if problem:
         parser.error(problem)
     return args
+
+
+def image_metric_flags_problem(args):
+    """What is wrong with the image-metric flags, checked before any model is loaded; None if nothing."""
+    wanted = set(args.metrics)
+    unused = [flag for flag, metric_set, given in (
+        ("--inception_weights", {"fid", "is"}, args.inception_weights is not None),
+        ("--fid_reference", {"fid"}, args.fid_reference != "teacher"),
+        ("--clip_model_name_or_path", {"clip"}, args.clip_model_name_or_path is not None)) if given and not wanted & metric_set]
+    if unused:
+        return (f"{unused[0]} is given but no metric that uses it is in --metrics {' '.join(args.metrics)}; add "
+                "fid / is / clip to --metrics or drop the flag.")
+    if not wanted & set(IMAGE_METRICS):
+        return None
+    for flag in ("image_inference_steps", "images_per_prompt", "batch_size"):
+        if getattr(args, flag) < 1:
+            return f"--{flag} must be at least 1, got {getattr(args, flag)}."
+    if args.eval_resolution < 0 or (args.image_resolution is not None and args.image_resolution % 8):
+        return ("--eval_resolution must be >= 0 (0 = as generated) and --image_resolution a multiple of 8, got "
+                f"{args.eval_resolution} and {args.image_resolution}.")
+    if args.inception_weights is not None and not os.path.isfile(args.inception_weights):
+        return (f"--inception_weights {args.inception_weights!r} is not a file; give the safetensors file of the "
+                "FID Inception weights (README: Image metrics) or leave the flag out to use the library's download.")
+    reference = args.fid_reference
+    if reference != "teacher" and not (os.path.isdir(reference) or (reference.endswith(".npz")
+                                                                      and os.path.isfile(reference))):
+        return (f"--fid_reference {reference!r} is neither 'teacher', an existing .npz of pytorch-fid statistics, nor "
+                "a folder of reference images.")
+    if "clip" in wanted:
+        args.clip_model_name_or_path = args.clip_model_name_or_path or DEFAULT_CLIP_MODEL
+        problem = pretrained_source_problem(args.clip_model_name_or_path, "--clip_model_name_or_path",
+                                            ["config.json"])
+        if problem:
+            return problem
+    for name, path in args.student:
+        if name == TEACHER_NAME and os.path.realpath(path) != os.path.realpath(args.teacher):
+            return (f"--student {TEACHER_NAME}={path}: with image metrics the name {TEACHER_NAME!r} is the teacher's "
+                    "image set; give this student another NAME.")
+    return None
 
 
 def load_student_unet(path, teacher_path=None):
@@ -132,30 +205,37 @@ def versions():
     import diffusers
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__}
+    found = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+             "transformers": transformers.__version__, "accelerate": accelerate.__version__}
+    for package in ("torchmetrics", "torch-fidelity"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
 
 
-def _projected(output):
-    """Normalised projected embeddings: a tensor (transformers 4) or an output's pooler_output (5)."""
-    features = output if torch.is_tensor(output) else output.pooler_output
-    return torch.nn.functional.normalize(features, dim=-1)
+def unet_config(path, teacher_path):
+    """The config of a model's UNet (`path` None: the teacher's), as `load_student_unet` would resolve it."""
+    from diffusers import UNet2DConditionModel
+
+    from aria_utils.training.lora import LORA_WEIGHT_NAME
+
+    base = path or teacher_path
+    if os.path.isfile(os.path.join(base, LORA_WEIGHT_NAME)) and not os.path.isdir(os.path.join(base, "unet")):
+        base = teacher_path  # LoRA on the teacher: the fused UNet has the teacher's shape
+    subfolder = "unet" if not os.path.isdir(base) or os.path.isdir(os.path.join(base, "unet")) else None
+    return UNet2DConditionModel.load_config(base, subfolder=subfolder)
 
 
-def clip_scores(model_path, prompts, images, device):
-    """CLIP score per image: max(cos(image, text), 0). Images are (N, 3, H, W) in [0, 1]."""
-    from transformers import CLIPModel, CLIPProcessor
+def unet_parameter_count(config):
+    """Parameters of a UNet, from its config on the meta device (nothing is loaded)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
 
-    model = CLIPModel.from_pretrained(model_path).to(device).eval()
-    processor = CLIPProcessor.from_pretrained(model_path)
-    pil_images = [(image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for image in images]
-    with torch.no_grad():
-        inputs = processor(text=list(prompts), images=pil_images, return_tensors="pt", padding=True, truncation=True)
-        inputs = {key: value.to(device) for key, value in inputs.items()}
-        image_features = _projected(model.get_image_features(pixel_values=inputs["pixel_values"]))
-        text_features = _projected(model.get_text_features(input_ids=inputs["input_ids"],
-                                                           attention_mask=inputs["attention_mask"]))
-    return (image_features * text_features).sum(-1).clamp(min=0).cpu().double().numpy()
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    return sum(parameter.numel() for parameter in unet.parameters())
 
 
 def sample_prompt_indices(region_ids, per_region):
@@ -165,107 +245,18 @@ def sample_prompt_indices(region_ids, per_region):
     return chosen
 
 
-def write_markdown(path, report):
-    students = list(report["students"])
-    lines = ["# Region-aware evaluation", "", f"Teacher: `{report['teacher']}`  ", f"Prompts: {report['num_prompts']} "
-             f"from `{report['prompt_file']}`, {report['num_regions']} regions, noise seeds {report['noise_seeds']}, "
-             f"timesteps {report['timesteps']}", "", "## Overall noise-prediction discrepancy (teacher vs student MSE)",
-             ""]
-    groups = sorted({g for s in students for g in report["students"][s]["groups"]})
-    header = ["student", "mean", "worst region", "worst region mean", "spread (std)"] + groups
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in students:
-        d = report["students"][name]["discrepancy"]
-        row = [name, f"{d['mean']:.5f}", str(d["worst_region"]), f"{d['worst_region_mean']:.5f}",
-               f"{d['region_spread_std']:.5f}"] + [f"{report['students'][name]['groups'].get(g, float('nan')):.5f}"
-                                                   for g in groups]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## Per region", "", "| region | size | labels | representative | "
-              + " | ".join(f"{name} discrepancy" for name in students) + " | "
-              + " | ".join(f"{name} PSNR" for name in students) + " |",
-              "|" + "---|" * (4 + 2 * len(students))]
-    for region in report["regions"]:
-        k = str(region["region"])
-        cells = [k, str(region["size"]), ", ".join(region["labels"]) or "-",
-                 (region["representatives"][0] if region["representatives"] else "").replace("|", "/")]
-        cells += [f"{report['students'][n]['discrepancy']['per_region'].get(k, {}).get('mean', float('nan')):.5f}"
-                  for n in students]
-        cells += [f"{report['students'][n]['samples']['per_region'].get(k, {}).get('psnr', float('nan')):.2f}"
-                  for n in students]
-        lines.append("| " + " | ".join(cells) + " |")
-    if any("per_category" in report["students"][n]["discrepancy"] for n in students):
-        categories = sorted(report["students"][students[0]]["discrepancy"].get("per_category", {}))
-        lines += ["", "## Per category", "", "| category | " + " | ".join(students) + " |",
-                  "|" + "---|" * (1 + len(students))]
-        for category in categories:
-            lines.append(f"| {category} | " + " | ".join(
-                f"{report['students'][n]['discrepancy']['per_category'][category]:.5f}" for n in students) + " |")
-    lines += ["", "## Per timestep", "", "| timestep | " + " | ".join(students) + " |", "|" + "---|" * (1 + len(students))]
-    for t in report["timesteps"]:
-        lines.append(f"| {t} | " + " | ".join(
-            f"{report['students'][n]['discrepancy']['per_timestep'][str(t)]:.5f}" for n in students) + " |")
-    lines += ["", f"CLIP score: {report['clip_note']}", "", f"Command: `{report['command']}`", ""]
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines))
+def compute_dtype(args, device):
+    if args.mixed_precision == "fp16" and device.type == "cpu":
+        raise EvaluationError("--mixed_precision fp16 needs a GPU; use bf16 or no on CPU.")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
 
 
-def plot_reports(report, output_dir):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    students = list(report["students"])
-    regions = [r["region"] for r in report["regions"]]
-    width = 0.8 / len(students)
-    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(regions) + 2), 4))
-    for offset, name in enumerate(students):
-        per_region = report["students"][name]["discrepancy"]["per_region"]
-        values = [per_region.get(str(k), {}).get("mean", np.nan) for k in regions]
-        axis.bar(np.arange(len(regions)) + offset * width, values, width, label=name)
-    axis.set_xticks(np.arange(len(regions)) + width * (len(students) - 1) / 2)
-    short = {"seen": "s", "unseen": "u", "underrepresented": "r"}
-    axis.set_xticklabels([f"{k}\n" + ",".join(short[l] for l in r["labels"]) for k, r in zip(regions, report["regions"])])
-    axis.set_xlabel("region (s = seen, u = unseen in the paired set, r = rare in the corpus)")
-    axis.set_ylabel("teacher-student noise MSE")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(os.path.join(output_dir, "discrepancy_per_region.png"), dpi=100)
-    plt.close(figure)
-
-    groups = sorted({g for n in students for g in report["students"][n]["groups"]})
-    if groups:
-        figure, axis = plt.subplots(figsize=(6, 4))
-        for offset, name in enumerate(students):
-            values = [report["students"][name]["groups"].get(g, np.nan) for g in groups]
-            axis.bar(np.arange(len(groups)) + offset * width, values, width, label=name)
-        axis.set_xticks(np.arange(len(groups)) + width * (len(students) - 1) / 2)
-        axis.set_xticklabels(groups)
-        axis.set_ylabel("teacher-student noise MSE")
-        axis.legend()
-        figure.tight_layout()
-        figure.savefig(os.path.join(output_dir, "discrepancy_per_group.png"), dpi=100)
-        plt.close(figure)
-
-
-def save_sample_grid(path, teacher_images, student_images):
-    """Teacher row over student row; columns are already grouped by region."""
-    from PIL import Image
-
-    from aria_utils.training.validation_images import image_grid
-
-    to_hwc = lambda images: images.permute(0, 2, 3, 1).numpy()  # noqa: E731
-    Image.fromarray(image_grid([to_hwc(teacher_images), to_hwc(student_images)])).save(path)
-
-
-def run_evaluation(args):
-
+def load_evaluation_inputs(args):
+    """Prompts, categories, their regions and the regions' groups (seen / unseen / underrepresented)."""
     from aria_utils.data.paired_data import load_paired_latents
     from aria_utils.data.prompts import load_prompt_corpus
     from aria_utils.method.region_index import load_region_index, model_identity
-    from aria_utils.families import load_frozen_teacher
 
-    os.makedirs(args.output_dir, exist_ok=True)
     index = load_region_index(args.region_cache_dir)
     if args.region_embedding_model is not None and model_identity(args.region_embedding_model) != \
             index.fingerprint["embedding_model"]:
@@ -276,11 +267,60 @@ def run_evaluation(args):
                                 category_column=args.category_column)
     prompts = corpus.prompts[: args.max_prompts]
     categories = corpus.categories[: args.max_prompts] if corpus.categories is not None else None
+    region_ids = index.assign_prompts(prompts)
+    paired_region_ids = None
+    if args.paired_data_dir is not None:
+        paired_region_ids = index.assign_prompts(load_paired_latents(args.paired_data_dir).captions)
+    labels = region_labels(index.num_regions, index.sizes, paired_region_ids, args.underrepresented_fraction)
+    return index, prompts, categories, region_ids, labels
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    if dtype == torch.float16 and device == "cpu":
-        raise EvaluationError("--mixed_precision fp16 needs a GPU; use bf16 or no on CPU.")
+
+def evaluate_images(args, state, prompts, categories, region_ids, labels):
+    """FID / IS / CLIP of the teacher's and every student's images, on every process; numbers on the main one."""
+    from aria_utils.families import family_of_pipeline
+
+    models = {TEACHER_NAME: None, **{name: path for name, path in args.student
+                                     if not (name == TEACHER_NAME)}}  # a student named 'teacher' is the teacher
+    configs = {name: unet_config(path, args.teacher) for name, path in models.items()}
+    for name, student_config in configs.items():  # before minutes of loading and generating
+        check_compatible(configs[TEACHER_NAME], student_config, name)
+    dtype = compute_dtype(args, state.device)
+    cls, extra = family_of_pipeline(args.teacher).pipeline_class()
+    teacher_pipeline = cls.from_pretrained(args.teacher, **extra)
+    scale = 2 ** (len(teacher_pipeline.vae.config.block_out_channels) - 1)
+    config = ImageMetricsConfig(
+        metrics=tuple(m for m in args.metrics if m in IMAGE_METRICS),
+        resolution=args.image_resolution or teacher_pipeline.unet.config.sample_size * scale,
+        eval_resolution=args.eval_resolution or None, num_inference_steps=args.image_inference_steps,
+        guidance_scale=args.guidance_scale, images_per_prompt=args.images_per_prompt, seed=args.seed,
+        batch_size=args.batch_size, fid_reference=args.fid_reference, inception_weights=args.inception_weights,
+        clip_model_name_or_path=args.clip_model_name_or_path)
+    images = ImageEvaluation(config, args.output_dir, prompts, region_ids, labels, categories)
+    scorers = images.load_scorers("cpu")  # a wrong weights file or CLIP model shows now, not after the generation
+    images.check_settings({name: path or TEACHER_NAME for name, path in models.items()}, state.is_main_process)
+    state.wait_for_everyone()  # the main process has removed its last run's partial files: generation may start
+    teacher_pipeline.to(state.device, dtype)
+    images.generate(teacher_pipeline, models, lambda path: load_student_unet(path, args.teacher), state)
+    del teacher_pipeline
+    images.move_scorers(scorers, state.device)
+    score_folders = images.score(list(models), scorers, state)
+    if not state.is_main_process:
+        return None
+    results = images.summarise(score_folders, TEACHER_NAME, scorers)
+    for name in models:
+        results[name]["unet_parameters"] = unet_parameter_count(configs[name])
+        results[name]["image_folder"] = images.folder(name)
+    settings = dict(vars(config), metrics=list(config.metrics),
+                    scoring=config.scoring_settings(), fid_min_images=FID_MIN_IMAGES)
+    return {"settings": settings, "models": results}
+
+
+def evaluate_discrepancy(args, index, prompts, categories, region_ids, labels, report):
+    """The noise-prediction gap and sample comparisons of every student (main process)."""
+    from aria_utils.families import load_frozen_teacher
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = compute_dtype(args, device)
     teacher = load_frozen_teacher(args.teacher)
     teacher_unet, vae, scheduler = teacher.unet, teacher.vae, teacher.noise_scheduler
     students = {name: load_student_unet(path, args.teacher) for name, path in args.student}
@@ -288,12 +328,6 @@ def run_evaluation(args):
         check_compatible(teacher_unet, unet, name)
     for model in [teacher_unet, *teacher.text_encoders, vae, *students.values()]:
         model.to(device, dtype).eval().requires_grad_(False)
-
-    region_ids = index.assign_prompts(prompts)
-    paired_region_ids = None
-    if args.paired_data_dir is not None:
-        paired_region_ids = index.assign_prompts(load_paired_latents(args.paired_data_dir).captions)
-    labels = region_labels(index.num_regions, index.sizes, paired_region_ids, args.underrepresented_fraction)
 
     setup = EvaluationSetup(
         prompts=prompts, region_ids=region_ids, categories=categories, noise_seeds=tuple(args.noise_seeds),
@@ -303,13 +337,8 @@ def run_evaluation(args):
     evaluator = DiscrepancyEvaluator(teacher_unet, teacher.prompt_encoder(), scheduler, vae, device, dtype)
     sample_indices = sample_prompt_indices(region_ids, args.num_sample_prompts_per_region)
     teacher_samples = evaluator.teacher_samples(setup, sample_indices)
-
-    clip_note = "skipped: no --clip_model_name_or_path given"
-    report = {"teacher": args.teacher, "prompt_file": args.prompt_file, "num_prompts": len(prompts),
-              "num_regions": index.num_regions, "noise_seeds": list(setup.noise_seeds),
-              "timesteps": list(setup.timesteps), "seed": args.seed, "num_inference_steps": args.num_inference_steps,
-              "guidance_scale": args.guidance_scale, "versions": versions(),
-              "command": args.command, "students": {}}
+    report.update({"noise_seeds": list(setup.noise_seeds), "timesteps": list(setup.timesteps),
+                   "num_inference_steps": args.num_inference_steps, "students": {}})
     sample_regions = region_ids[sample_indices]
     for name, unet in students.items():
         logger.info("Evaluating %s", name)
@@ -321,12 +350,6 @@ def run_evaluation(args):
             members = sample_regions == region
             per_region_samples[str(region)] = {"latent_mse": float(samples["latent_mse"][members].mean()),
                                                "psnr": finite_psnr(samples["psnr"][members].mean())}
-        if args.clip_model_name_or_path:
-            scores = clip_scores(args.clip_model_name_or_path, [prompts[i] for i in sample_indices],
-                                 samples["student_images"], device)
-            for region in per_region_samples:
-                per_region_samples[region]["clip_score"] = float(scores[sample_regions == int(region)].mean())
-            clip_note = f"computed with {args.clip_model_name_or_path}"
         discrepancy["per_region"] = {str(k): v for k, v in discrepancy["per_region"].items()}
         discrepancy["per_timestep"] = {str(k): v for k, v in discrepancy["per_timestep"].items()}
         report["students"][name] = {
@@ -338,12 +361,27 @@ def run_evaluation(args):
         }
         save_sample_grid(os.path.join(args.output_dir, f"samples_{name}.png"), samples["teacher_images"],
                          samples["student_images"])
-    if not args.clip_model_name_or_path:
-        print("CLIP score skipped: pass --clip_model_name_or_path with a local transformers CLIPModel to compute it.")
-    report["clip_note"] = clip_note
+
+
+def run_evaluation(args):
+    """Every requested measurement; the report on the main process (others return None)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    os.makedirs(args.output_dir, exist_ok=True)
+    index, prompts, categories, region_ids, labels = load_evaluation_inputs(args)
+    report = {"teacher": args.teacher, "prompt_file": args.prompt_file, "num_prompts": len(prompts),
+              "num_regions": index.num_regions, "metrics": list(args.metrics), "seed": args.seed,
+              "guidance_scale": args.guidance_scale, "num_processes": state.num_processes,
+              "versions": versions(), "command": args.command}
+    if set(args.metrics) & set(IMAGE_METRICS):
+        report["image_metrics"] = evaluate_images(args, state, prompts, categories, region_ids, labels)
+    if not state.is_main_process:
+        return None
+    if "discrepancy" in args.metrics:
+        evaluate_discrepancy(args, index, prompts, categories, region_ids, labels, report)
     report["regions"] = [dict(region, labels=labels[region["region"]]) for region in index.describe()]
-    with open(os.path.join(args.output_dir, "report.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
+    write_json_atomically(os.path.join(args.output_dir, "report.json"), report)
     write_markdown(os.path.join(args.output_dir, "report.md"), report)
     plot_reports(report, args.output_dir)
     return report
@@ -356,12 +394,17 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     report = run_evaluation(args)
-    for name, result in report["students"].items():
+    if report is None:  # not the main process of a launch: the main one reports
+        return
+    for name, result in report.get("image_metrics", {}).get("models", {}).items():
+        overall = result["splits"]["all"]
+        print(f"{name}: " + ", ".join(f"{key} {overall[key]:.4f}" for key in ("fid", "is", "clip")
+                                      if overall.get(key) is not None) + f" ({overall['images']} images)")
+    for name, result in report.get("students", {}).items():
         d = result["discrepancy"]
         print(f"{name}: mean {d['mean']:.5f}, worst region {d['worst_region']} ({d['worst_region_mean']:.5f}), "
               f"groups {result['groups']}")
     print(f"Report written to {args.output_dir}/report.md")
-
 
 if __name__ == "__main__":
     run_cli(main)

@@ -11,6 +11,8 @@ KNOWN_HARMLESS = {
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
     # Stable Diffusion pipelines import the safety checker's image processors; their PIL fallback is fine here.
     "transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",),
+    # Evaluation and validation pipelines are built without the safety checker on purpose: they measure the model.
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion": ("You have disabled the safety checker",),
     # Casting a model whose list of modules to keep in float32 is empty: there is nothing to keep.
     "diffusers.models.modeling_utils": ("that should be kept in float32: [].",),
 }

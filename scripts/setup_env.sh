@@ -17,7 +17,13 @@ $PY -m pip install -q --upgrade pip
 $PY -m pip install -q "torch==${TORCH_VERSION}"
 constraints="$(mktemp)"
 echo "torch==${TORCH_VERSION}" > "$constraints"
-$PY -m pip install -q -c "$constraints" -r requirements.txt -r requirements-dev.txt
+# torch-fidelity asks for torchvision, which is broken against the CPU build of torch (it breaks transformers'
+# image processors too); the Inception network FID and IS use needs only torch, so it comes without dependencies.
+without_fidelity="$(mktemp)"
+grep -v '^torch-fidelity' requirements.txt > "$without_fidelity"
+$PY -m pip install -q -c "$constraints" -r "$without_fidelity" -r requirements-dev.txt
+$PY -m pip install -q --no-deps "$(grep '^torch-fidelity' requirements.txt)"
+rm -f "$without_fidelity"
 # The real CLIP BPE vocabulary for the tiny teacher; --no-deps: its torchvision dependency is broken on CPU torch.
 $PY -m pip install -q --no-deps "open-clip-torch==3.3.0"
 rm -f "$constraints"

@@ -28,10 +28,16 @@ def assets(tmp_path_factory):
         "--num_prompts", "48", "--num_inference_steps", "2", "--batch_size", "8", "--shard_size", "16",
         "--output_dir", teacher_data,
     ])
-    return {"root": root, "teacher": teacher, "prompts": prompts, "teacher_data": teacher_data}
+    # One region cache for the session's training runs: the corpus is embedded once, each K clustered once.
+    region_cache = str(root / "region-cache")
+    return {"root": root, "teacher": teacher, "prompts": prompts, "teacher_data": teacher_data,
+            "region_cache": region_cache}
 
 
 def training_command(assets, output_dir, *extra, sampling="random", steps=6):
+    """The training script's command on the session's assets; the region index comes from the session's cache
+    unless `extra` names a `--region_cache_dir` (as a test of building the index does)."""
+    region_cache = [] if "--region_cache_dir" in extra else ["--region_cache_dir", assets["region_cache"]]
     return [
         sys.executable, os.path.join(REPO_ROOT, "train_aria_distill.py"),
         "--pretrained_model_name_or_path", assets["teacher"],
@@ -44,8 +50,18 @@ def training_command(assets, output_dir, *extra, sampling="random", steps=6):
         "--learning_rate", "1e-3",
         "--report_to", "none",
         "--output_dir", str(output_dir),
+        *region_cache,
         *extra,
     ]
+
+
+def shared_region_index(assets, prompts, num_regions):
+    """The folder of the session cache's index of `prompts` with `num_regions` regions (built on first use)."""
+    from aria_utils.method.region_index import DEFAULT_EMBEDDING_MODEL, build_or_load_region_index, index_folder, \
+        region_fingerprint
+
+    build_or_load_region_index(prompts, assets["region_cache"], num_regions=num_regions, seed=0)
+    return index_folder(assets["region_cache"], region_fingerprint(prompts, DEFAULT_EMBEDDING_MODEL, num_regions, 0))
 
 
 TRAINING_SCRIPT = os.path.join(REPO_ROOT, "train_aria_distill.py")

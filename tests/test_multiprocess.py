@@ -13,8 +13,10 @@ from conftest import run, training_command
 def two_process_run(assets, tmp_path_factory):
     output = tmp_path_factory.mktemp("ddp") / "out"
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    # A region cache of its own: the two processes embed the corpus between them.
     command = training_command(assets, output, "--num_regions", "4", "--aria_warmup_steps", "2",
-                               "--checkpointing_steps", "3", "--debug_process_states", sampling="aria", steps=6)
+                               "--checkpointing_steps", "3", "--debug_process_states",
+                               "--region_cache_dir", str(output.parent / "regions"), sampling="aria", steps=6)
     launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
     result = run(launch + command[1:], env={"ACCELERATE_USE_CPU": "1"})

@@ -54,7 +54,7 @@ def test_nearest_centroid_assignment_of_corpus_prompts_agrees_with_labels(built_
     assert (index.assign_prompts(PROMPTS[:50], corpus_prompts=PROMPTS) == index.labels[:50]).all()
 
 
-def test_cache_reused_and_never_rebuilt_in_place(built_cache, caplog):
+def test_cache_reused_and_never_rebuilt_in_place(built_cache, caplog, monkeypatch):
     """A shared cache keeps its index; another K or corpus gets a subfolder of its own, reused next time."""
     cache, index = built_cache
     caplog.set_level(logging.INFO, logger="aria_utils.method.region_index")
@@ -62,8 +62,14 @@ def test_cache_reused_and_never_rebuilt_in_place(built_cache, caplog):
     assert "reusing the cache" in caplog.text
     assert np.array_equal(again.labels, index.labels)
     caplog.clear()
-    five = build_or_load_region_index(PROMPTS, cache, num_regions=5, seed=0)
+    # Another K of the same corpus and model clusters the embeddings already there instead of embedding again.
+    from aria_utils.method import region_index
+
+    with monkeypatch.context() as patched:
+        patched.setattr(region_index, "embed_prompts", lambda *args, **kwargs: pytest.fail("embedded again"))
+        five = build_or_load_region_index(PROMPTS, cache, num_regions=5, seed=0)
     assert "K (--num_regions)" in caplog.text and "index-k5-" in caplog.text
+    assert f"from the embeddings in {cache}" in caplog.text
     assert five.num_regions == 5 and load_region_index(cache).num_regions == 6  # the shared one is untouched
     assert np.array_equal(load_region_index(cache).labels, index.labels)
     caplog.clear()
@@ -71,7 +77,7 @@ def test_cache_reused_and_never_rebuilt_in_place(built_cache, caplog):
     assert "reusing the cache" in caplog.text and "index-k5-" in caplog.text
     caplog.clear()
     build_or_load_region_index(PROMPTS[:-1], cache, num_regions=5, seed=0)
-    assert "corpus content" in caplog.text
+    assert "corpus content" in caplog.text and "from the embeddings in" not in caplog.text
 
 
 def test_bad_region_input():

@@ -28,9 +28,10 @@ class EvaluationError(UserInputError):
 
 
 def check_compatible(teacher_unet, student_unet, student_name="student"):
-    """Teacher and student must take the same latents and text states."""
+    """Teacher and student must take the same latents and text states. Each is a UNet or its config."""
+    teacher_config, student_config = (dict(getattr(unet, "config", unet)) for unet in (teacher_unet, student_unet))
     for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type"):
-        teacher_value, student_value = teacher_unet.config[key], student_unet.config[key]
+        teacher_value, student_value = teacher_config.get(key), student_config.get(key)
         if teacher_value != student_value:
             raise EvaluationError(
                 f"--student {student_name}: its UNet has {key}={student_value} but the teacher's is {teacher_value}; "

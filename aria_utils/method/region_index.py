@@ -256,6 +256,22 @@ def index_folder(cache_dir, fingerprint):
     return folder
 
 
+def cached_embeddings(cache_root, fingerprint):
+    """Embeddings of the same corpus by the same model from any index in `cache_root` (another K or seed), or None.
+
+    Embedding is the long part of an index (hours for 10M prompts); clustering again for another K is not."""
+    from safetensors.numpy import load_file
+
+    folders = [cache_root] + sorted(os.path.join(cache_root, name) for name in os.listdir(cache_root)
+                                    if name.startswith("index-k")) if os.path.isdir(cache_root) else []
+    same_embeddings = ("corpus_sha256", "num_prompts", "embedding_model")
+    for folder in folders:
+        cached = cached_fingerprint(folder)
+        if cached is not None and all(cached.get(key) == fingerprint[key] for key in same_embeddings):
+            return load_file(os.path.join(folder, EMBEDDINGS_FILE))["embeddings"], folder
+    return None, None
+
+
 def build_or_load_region_index(prompts, cache_dir, model_name=DEFAULT_EMBEDDING_MODEL, num_regions=16, seed=0,
                                batch_size=128, accelerator=None):
     """The region index for this corpus/model/K/seed: reused from `cache_dir` or built.
@@ -263,14 +279,26 @@ def build_or_load_region_index(prompts, cache_dir, model_name=DEFAULT_EMBEDDING_
     With several processes the embedding (the long part: hours for 10M prompts on one device) is
     shared: every process embeds a contiguous slice and writes it to `cache_dir`, then the main
     process clusters. `cache_dir` must therefore be visible to every process, like OUTPUT_DIR.
+    An index for another K or seed of the same corpus and model reuses the embeddings already there.
     """
     if num_regions > len(prompts):
         raise RegionIndexError(f"--num_regions {num_regions} exceeds the {len(prompts)} distinct prompts; lower it.")
     resolve_embedding_model(model_name)
     wanted = region_fingerprint(prompts, model_name, num_regions, seed)
-    cache_dir = index_folder(cache_dir, wanted)  # read by every process before any of them writes
+    cache_root, cache_dir = cache_dir, index_folder(cache_dir, wanted)  # read by every process before any writes
     if cached_fingerprint(cache_dir) == wanted:
         logger.info("Region index: reusing the cache in %s (corpus, model, K and seed unchanged).", cache_dir)
+        return load_region_index(cache_dir)
+    embeddings, source = cached_embeddings(cache_root, wanted)
+    if embeddings is not None:
+        logger.info("Region index: building %d regions in %s from the embeddings in %s.", num_regions, cache_dir,
+                    source)
+        if accelerator is None or accelerator.is_main_process:
+            index, _ = build_region_index(prompts, model_name, num_regions, seed, embeddings=embeddings,
+                                          fingerprint=wanted)
+            save_region_index(index, embeddings, cache_dir)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
         return load_region_index(cache_dir)
     logger.info("Region index: building %d regions in %s.", num_regions, cache_dir)
     if accelerator is None or accelerator.num_processes == 1:

@@ -65,6 +65,9 @@ NUM_REGIONS = 32  # the smallest K at which the demo corpus's rare category gets
 # Below this share of output variance explained by the prompt, every allocation strategy looks alike
 # and the comparison says nothing (see conditioned_teacher.py).
 MIN_PROMPT_SHARE = 0.05
+# A channel-reduced student inherits nothing from the teacher: its pre-distillation from a random init
+# gets this many times the budget's steps, to start about as close to the base teacher as a BK init does.
+RANDOM_INIT_PREDISTILL_FACTOR = 5
 PLANTED_GAIN = 1.0  # planted_teacher.py: fixed before the comparisons, from the initial-gap measurement
 
 
@@ -479,9 +482,17 @@ def main(argv=None):
     parser.add_argument("--unseen_category", default="animals")
     parser.add_argument("--underrepresented_category", default="musical_instruments")
     parser.add_argument("--student_config", default="bk_small")
+    parser.add_argument("--predistill_steps", type=int, default=None,
+                        help="Planted setting: steps the starting student is distilled from the teacher without the "
+                             "planted concepts. Default: the budget's (quick 40, default 100), times "
+                             f"{RANDOM_INIT_PREDISTILL_FACTOR} for a student that starts from a random init (c_*).")
     args = parser.parse_args(argv)
     started = time.time()
     budget = BUDGETS["quick" if args.quick else "default"]
+    from aria_utils.families.unet_students import inherits_teacher_weights
+
+    predistill_steps = args.predistill_steps if args.predistill_steps is not None else budget["predistill_steps"] * (
+        1 if inherits_teacher_weights(args.student_config) else RANDOM_INIT_PREDISTILL_FACTOR)
     methods = list(dict.fromkeys([REFERENCE, *(args.methods or budget["methods"])]))
     command = "python examples/benchmark/run_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = os.path.abspath(args.output_dir)
@@ -489,7 +500,7 @@ def main(argv=None):
                            "prompt_file": os.path.abspath(args.prompt_file) if args.prompt_file else None,
                            "unseen_category": args.unseen_category,
                            "underrepresented_category": args.underrepresented_category,
-                           "student_config": args.student_config})
+                           "student_config": args.student_config, "predistill_steps": predistill_steps})
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from aria_utils.quiet import silence_known_harmless_messages
@@ -544,10 +555,11 @@ def main(argv=None):
     torch.manual_seed(0)
     initial_student = build_student(teacher.unet, args.student_config)
     if base_dir is not None:
-        log(f"starting student: BK-SDM init distilled {budget['predistill_steps']} steps from the base teacher")
+        init = "BK-SDM init" if inherits_teacher_weights(args.student_config) else "random init"
+        log(f"starting student: {init} distilled {predistill_steps} steps from the base teacher")
         base = load_frozen_teacher(base_dir)
         base_args = script_args(base_dir, paired_dir, paths["train"], REFERENCE, 1000, budget, out)
-        initial_student, _ = train_student(initial_student, base, data, base_args, budget["predistill_steps"])
+        initial_student, _ = train_student(initial_student, base, data, base_args, predistill_steps)
         del base
     initial_record = evaluate(initial_student, 0)
     with open(os.path.join(out, "initial.json"), "w", encoding="utf-8") as handle:
@@ -576,7 +588,7 @@ def main(argv=None):
               "seeds": args.seeds, "unseen": unseen, "underrepresented": under,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only, torch {torch.__version__}",
               "prompt_file_name": os.path.basename(prompt_file), "teacher_conditioning": strength, "purity": purity,
-              "predistill_steps": budget["predistill_steps"] if base_dir else 0,
+              "predistill_steps": predistill_steps if base_dir else 0,
               "wall_time_minutes": (time.time() - started) / 60}
     if args.setting == "planted":
         from planted_teacher import PLANTED_FILE
