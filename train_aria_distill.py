@@ -1092,7 +1092,9 @@ class Trainer:
             except Preempted:
                 logger.warning("Validation at step %d stopped by the preemption request.", step)
         if self.region_tracker is not None and self.state.region_history and self.accelerator.is_main_process:
-            image = region_heatmap(self.state.region_history, os.path.join(self.args.output_dir, "aria_regions.png"))
+            index = self.data.region_index
+            image = region_heatmap(self.state.region_history, os.path.join(self.args.output_dir, "aria_regions.png"),
+                                   region_names=[index.label(k) for k in range(index.num_regions)])
             log_image(self.accelerator.trackers, "aria/region_discrepancy_heatmap", image, step)
 
     def evaluate(self, step):
@@ -1141,7 +1143,8 @@ def build_validation_and_evaluation(run, data, models):
             models.teacher_unet, models.prompt_encoder, models.noise_scheduler, models.vae, eval_prompts, eval_regions,
             num_regions=index.num_regions if index is not None else 1, num_timesteps=args.eval_num_timesteps,
             seed=args.seed, device=accelerator.device, dtype=run.weight_dtype, batch_size=args.train_batch_size,
-            output_dir=args.output_dir)
+            output_dir=args.output_dir,
+            region_names=[index.label(k) for k in range(index.num_regions)] if index is not None else None)
     return validator, periodic_evaluation
 
 

@@ -378,6 +378,8 @@ def run_evaluation(args):
         report["image_metrics"] = evaluate_images(args, state, prompts, categories, region_ids, labels)
     if not state.is_main_process:
         return None
+    if "image_metrics" in report:
+        report["image_metrics"]["region_names"] = {str(k): index.label(k) for k in range(index.num_regions)}
     if "discrepancy" in args.metrics:
         evaluate_discrepancy(args, index, prompts, categories, region_ids, labels, report)
     report["regions"] = [dict(region, labels=labels[region["region"]]) for region in index.describe()]

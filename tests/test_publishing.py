@@ -92,7 +92,7 @@ def test_prompts_in_the_card_stay_text(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| 0 |"))
     assert "\\# A heading" not in text and "\n# A heading" not in text and "<img" not in text
     assert "&lt;img src=x onerror=alert(1)&gt; \\| \\[link\\](http://x) \\`\\`\\`code\\`\\`\\`" in row
-    assert row.count(" | ") == 5  # six cells: the prompt's pipe did not open a seventh
+    assert row.count(" | ") == 6  # seven cells: the prompt's pipe did not open an eighth
     assert "| `prompt_file` | a\\|b.csv |" in text
 
 
@@ -301,11 +301,14 @@ def test_checkpoint_pushes_run_in_background_and_failures_are_reported(tmp_path)
 
 
 def test_lora_student_can_be_evaluated(lora_run, assets, tmp_path):
+    from aria_utils.data.prompts import load_prompt_corpus
     from aria_utils.evaluate import parse_args, run_evaluation
+    from conftest import shared_region_index
 
     output, _ = lora_run
+    regions = shared_region_index(assets, list(load_prompt_corpus(prompt_file=assets["prompts"]).prompts), 3)
     report = run_evaluation(parse_args([
         "--teacher", assets["teacher"], "--student", f"lora={output}", "--prompt_file", assets["prompts"],
-        "--max_prompts", "4", "--region_cache_dir", str(output / "regions"), "--output_dir", str(tmp_path),
+        "--max_prompts", "4", "--region_cache_dir", regions, "--output_dir", str(tmp_path),
         "--num_timesteps", "2", "--num_inference_steps", "2", "--num_sample_prompts_per_region", "1"]))
     assert report["students"]["lora"]["discrepancy"]["mean"] > 0

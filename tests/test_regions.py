@@ -65,9 +65,12 @@ def test_cache_reused_and_never_rebuilt_in_place(built_cache, caplog, monkeypatc
     # Another K of the same corpus and model clusters the embeddings already there instead of embedding again.
     from aria_utils.method import region_index
 
-    with monkeypatch.context() as patched:
-        patched.setattr(region_index, "embed_prompts", lambda *args, **kwargs: pytest.fail("embedded again"))
+    embedded, embed = [], region_index.embed_prompts
+    with monkeypatch.context() as patched:  # the regions' candidate words are embedded, no prompt is
+        patched.setattr(region_index, "embed_prompts",
+                        lambda texts, *args, **kwargs: embedded.extend(texts) or embed(texts, *args, **kwargs))
         five = build_or_load_region_index(PROMPTS, cache, num_regions=5, seed=0)
+    assert embedded and not set(embedded) & set(PROMPTS)
     assert "K (--num_regions)" in caplog.text and "index-k5-" in caplog.text
     assert f"from the embeddings in {cache}" in caplog.text
     assert five.num_regions == 5 and load_region_index(cache).num_regions == 6  # the shared one is untouched
@@ -97,3 +100,27 @@ def test_cli_prints_table(tmp_path, capsys):
     with pytest.raises(SystemExit):
         regions_cli(["--prompt_file", str(corpus), "--num_regions", "0", "--output_dir", str(tmp_path / "r")])
     assert "--num_regions must be at least 1" in capsys.readouterr().err
+
+
+def test_regions_are_named_by_their_most_distinctive_words(assets, tmp_path):
+    """On the demo corpus, the region holding most of the rare musical-instrument prompts is named by an
+    instrument; the names reach regions.json, aria_regions.json's source (`describe`) and the heat map."""
+    from aria_utils.data.prompts import load_prompt_corpus
+    from aria_utils.fixtures.demo_corpus import CATEGORIES
+    from aria_utils.plots import region_heatmap
+    from conftest import shared_region_index
+
+    corpus = load_prompt_corpus(prompt_file=assets["prompts"], category_column="category")
+    folder = shared_region_index(assets, list(corpus.prompts), 32)
+    index = load_region_index(folder)  # the names come back from the cache, not only from the build
+    categories = np.asarray(corpus.categories)
+    holding = np.bincount(index.labels[categories == "musical_instruments"], minlength=32).argmax()
+    instrument_words = {word for subject in CATEGORIES["musical_instruments"][0] for word in subject.split()[1:]}
+    assert set(index.keywords[holding]) & instrument_words, index.keywords[holding]
+    assert all(1 <= len(words) <= 3 for words in index.keywords)
+    assert index.describe()[holding]["label"] == f"{holding}: " + ", ".join(index.keywords[holding])
+    history = [(step, np.random.default_rng(step).random(32), np.full(32, 1 / 32)) for step in range(0, 50, 10)]
+    image = region_heatmap(history, str(tmp_path / "heatmap.png"),
+                           region_names=[index.label(k) for k in range(32)])
+    # At 100 dpi every one of the 32 rows gets at least 20 pixels: room for its 8-point name.
+    assert image.shape[0] >= 32 * 20 and (tmp_path / "heatmap.png").is_file()

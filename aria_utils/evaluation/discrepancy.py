@@ -262,7 +262,7 @@ class PeriodicEvaluation:
     """
 
     def __init__(self, teacher_unet, prompt_encoder, scheduler, vae, prompts, region_ids, num_regions,
-                 num_timesteps, seed, device, dtype, batch_size, output_dir):
+                 num_timesteps, seed, device, dtype, batch_size, output_dir, region_names=None):
         self.evaluator = DiscrepancyEvaluator(teacher_unet, prompt_encoder, scheduler, vae, device, dtype,
                                               show_progress=False)
         self.setup = EvaluationSetup(
@@ -271,6 +271,7 @@ class PeriodicEvaluation:
             num_inference_steps=10)
         self.num_regions = num_regions
         self.output_dir = output_dir
+        self.region_names = region_names
 
     def run(self, student_unet, step):
         import os
@@ -290,7 +291,7 @@ class PeriodicEvaluation:
         os.makedirs(os.path.join(self.output_dir, "eval"), exist_ok=True)
         self._append_history(os.path.join(self.output_dir, "eval", "history.jsonl"), step, summary)
         image = region_bar_chart(means, f"held-out discrepancy, step {step}",
-                                 os.path.join(self.output_dir, "eval", f"step-{step}.png"))
+                                 os.path.join(self.output_dir, "eval", f"step-{step}.png"), self.region_names)
         return logs, image
 
     @staticmethod

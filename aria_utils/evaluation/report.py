@@ -58,9 +58,10 @@ def image_metric_lines(image_metrics):
     lines.append("")
     if "clip" in wants:
         regions = list(next(iter(models.values()))["clip_per_region"])
+        names = image_metrics.get("region_names", {})
         lines += ["### CLIP score per region", ""]
-        lines += _table(["region"] + list(models), [[k] + [_number(models[n]["clip_per_region"][k], 4) for n in models]
-                                                      for k in regions])
+        lines += _table(["region"] + list(models), [[names.get(k, k)] + [_number(models[n]["clip_per_region"][k], 4)
+                                                                         for n in models] for k in regions])
         lines.append("")
     return lines
 
@@ -81,14 +82,15 @@ def discrepancy_lines(report):
     rows = []
     for region in report["regions"]:
         k = str(region["region"])
-        cells = [k, str(region["size"]), ", ".join(region["labels"]) or "-",
+        cells = [k, ", ".join(region.get("keywords", [])) or "-", str(region["size"]),
+                 ", ".join(region["labels"]) or "-",
                  (region["representatives"][0] if region["representatives"] else "").replace("|", "/")]
         cells += [f"{report['students'][n]['discrepancy']['per_region'].get(k, {}).get('mean', float('nan')):.5f}"
                   for n in students]
         cells += [f"{report['students'][n]['samples']['per_region'].get(k, {}).get('psnr', float('nan')):.2f}"
                   for n in students]
         rows.append(cells)
-    lines += _table(["region", "size", "labels", "representative"] + [f"{n} discrepancy" for n in students]
+    lines += _table(["region", "distinctive words", "size", "groups", "representative"] + [f"{n} discrepancy" for n in students]
                     + [f"{n} PSNR" for n in students], rows)
     if any("per_category" in report["students"][n]["discrepancy"] for n in students):
         categories = sorted(report["students"][students[0]]["discrepancy"].get("per_category", {}))
@@ -160,9 +162,9 @@ def plot_discrepancy(report, output_dir):
     figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(regions) + 2), 4))
     _grouped_bars(axis, {name: [report["students"][name]["discrepancy"]["per_region"].get(str(k), {}).get("mean")
                                 for k in regions] for name in students},
-                  [f"{k}\n" + ",".join(GROUP_ABBREVIATIONS[label] for label in r["labels"])
+                  [f"{r.get('label', k)}\n" + ",".join(GROUP_ABBREVIATIONS[label] for label in r["labels"])
                    for k, r in zip(regions, report["regions"])], "teacher-student noise MSE")
-    axis.set_xlabel("region (s = seen, u = unseen in the paired set, r = rare in the corpus)")
+    axis.set_xlabel("region: its most distinctive words (s = seen, u = unseen in the paired set, r = rare in the corpus)")
     figure.tight_layout()
     figure.savefig(os.path.join(output_dir, "discrepancy_per_region.png"), dpi=100)
     plt.close(figure)

@@ -31,6 +31,12 @@ METADATA_FILE = "regions.json"
 INDEX_FILE = "region_index.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 NUM_REPRESENTATIVES = 5
+KEYWORDS_PER_REGION = 3
+# Region labels: the vectoriser's vocabulary comes from at most this many prompts, and keeps the most
+# frequent words of them (memory is regions x vocabulary).
+KEYWORD_SAMPLE = 200_000
+KEYWORD_VOCABULARY = 20_000
+KEYWORD_CANDIDATES = 10  # c-TF-IDF's best words per region, re-ranked by closeness to the centroid
 # Above this many prompts, MiniBatchKMeans: full k-means costs O(N K) per Lloyd iteration over all data.
 MINIBATCH_THRESHOLD = 50_000
 # MiniBatchKMeans is fitted on at most this many prompts, then every prompt is labelled.
@@ -133,10 +139,16 @@ class RegionIndex:
     representatives: list  # K lists of prompts closest to the centroid
     model_name: str
     fingerprint: dict
+    keywords: list = None  # K lists of the region's most distinctive words (class-based TF-IDF)
 
     @property
     def num_regions(self):
         return len(self.centroids)
+
+    def label(self, region):
+        """A short name for people: the region's number and its most distinctive words."""
+        words = (self.keywords or [[]] * self.num_regions)[region]
+        return f"{region}: {', '.join(words)}" if words else f"region {region}"
 
     @property
     def sizes(self):
@@ -167,7 +179,9 @@ class RegionIndex:
     def describe(self):
         sizes = self.sizes
         return [
-            {"region": region, "size": int(sizes[region]), "representatives": self.representatives[region]}
+            {"region": region, "size": int(sizes[region]), "label": self.label(region),
+             "keywords": list((self.keywords or [[]] * self.num_regions)[region]),
+             "representatives": self.representatives[region]}
             for region in range(self.num_regions)
         ]
 
@@ -179,6 +193,58 @@ def _representatives(prompts, embeddings, labels, centroids):
         distances = ((embeddings[members] - centroids[region]) ** 2).sum(axis=1)
         result.append([prompts[i] for i in members[np.argsort(distances, kind="stable")[:NUM_REPRESENTATIVES]]])
     return result
+
+
+def region_keywords(prompts, labels, num_regions, count=KEYWORDS_PER_REGION, centroids=None, model_name=None):
+    """Each region's `count` most distinctive words against the rest of the corpus.
+
+    Candidates come from class-based TF-IDF (Grootendorst, BERTopic, 2022). All of a region's prompts
+    count as one document, and a word weighs its frequency there times log(1 + A / its count in the
+    whole corpus), with A the mean number of words per region: frequent in the region, rare elsewhere.
+    scikit-learn's vectoriser tokenises and drops English stop words. Its vocabulary comes from a
+    sample of at most KEYWORD_SAMPLE prompts, and the corpus is then counted in chunks, so memory is
+    K x vocabulary whatever the corpus size.
+
+    With `centroids` and `model_name`, the KEYWORD_CANDIDATES best candidates are re-ranked by the
+    cosine of their embedding with the region's centroid (BERTopic's "KeyBERT-inspired"
+    representation). TF-IDF alone favours a template word that every prompt of a region shares
+    ("stage", "room") over the five instrument names that split the region between them. The
+    embedding says which words the region is about.
+    """
+    from scipy import sparse
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    total = len(prompts)
+    sample = np.linspace(0, total - 1, min(total, KEYWORD_SAMPLE)).astype(np.int64)
+    vectorizer = CountVectorizer(stop_words="english", token_pattern=r"(?u)\b[^\W\d_]{3,}\b",
+                                 max_features=KEYWORD_VOCABULARY)
+    try:
+        vectorizer.fit(prompts[i] for i in sample.tolist())
+    except ValueError:  # no word of three letters or more outside the stop words
+        return [[] for _ in range(num_regions)]
+    counts = np.zeros((num_regions, len(vectorizer.vocabulary_)), dtype=np.float64)
+    for start in range(0, total, EMBED_CHUNK):
+        stop = min(start + EMBED_CHUNK, total)
+        words = vectorizer.transform(prompts[i] for i in range(start, stop))
+        membership = sparse.csr_matrix((np.ones(stop - start), (labels[start:stop], np.arange(stop - start))),
+                                       shape=(num_regions, stop - start))
+        counts += (membership @ words).toarray()
+    frequency = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    weights = frequency * np.log(1 + counts.sum(axis=1).mean() / np.maximum(counts.sum(axis=0), 1))
+    vocabulary = vectorizer.get_feature_names_out()
+    shortlist = KEYWORD_CANDIDATES if centroids is not None else count
+    candidates = [[str(vocabulary[j]) for j in np.argsort(-weights[k], kind="stable")[:shortlist] if weights[k, j] > 0]
+                  for k in range(num_regions)]
+    if centroids is None:
+        return candidates
+    words = sorted({word for region in candidates for word in region})
+    if not words:
+        return candidates
+    word_embeddings = dict(zip(words, embed_prompts(words, model_name, show_progress=False)))
+    directions = np.asarray(centroids, dtype=np.float32)
+    directions = directions / np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)
+    return [sorted(region, key=lambda word: -float(word_embeddings[word] @ directions[k]))[:count]
+            for k, region in enumerate(candidates)]
 
 
 def region_fingerprint(prompts, model_name, num_regions, seed):
@@ -201,7 +267,9 @@ def build_region_index(prompts, model_name=DEFAULT_EMBEDDING_MODEL, num_regions=
     fingerprint = fingerprint or region_fingerprint(prompts, model_name, num_regions, seed)
     index = RegionIndex(labels=labels, centroids=centroids,
                         representatives=_representatives(prompts, embeddings, labels, centroids),
-                        model_name=model_name, fingerprint=fingerprint)
+                        model_name=model_name, fingerprint=fingerprint,
+                        keywords=region_keywords(prompts, labels, num_regions, centroids=centroids,
+                                                 model_name=model_name))
     return index, embeddings
 
 
@@ -224,7 +292,9 @@ def load_region_index(directory):
     tensors = load_file(os.path.join(directory, INDEX_FILE))
     return RegionIndex(labels=tensors["labels"], centroids=tensors["centroids"],
                        representatives=[region["representatives"] for region in metadata["regions"]],
-                       model_name=metadata["model_name"], fingerprint=metadata["fingerprint"])
+                       model_name=metadata["model_name"], fingerprint=metadata["fingerprint"],
+                       # caches from before region labels have none: their regions show as "region k"
+                       keywords=[region.get("keywords", []) for region in metadata["regions"]])
 
 
 def cached_fingerprint(directory):
@@ -346,7 +416,8 @@ def write_region_report(path, index, region_tracker):
 
 
 def format_region_table(index):
-    lines = [f"{'region':>6} {'size':>7}  representative prompts", "-" * 80]
+    lines = [f"{'region':>6} {'size':>7}  {'distinctive words':<34}  representative prompts", "-" * 100]
     for region in index.describe():
-        lines.append(f"{region['region']:>6} {region['size']:>7}  " + " | ".join(region["representatives"][:3]))
+        lines.append(f"{region['region']:>6} {region['size']:>7}  {', '.join(region['keywords']) or '-':<34}  "
+                     + " | ".join(region["representatives"][:3]))
     return "\n".join(lines)

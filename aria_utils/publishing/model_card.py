@@ -70,11 +70,12 @@ def markdown_text(text, limit=120):
 
 
 def _region_table(region_report):
-    lines = ["| region | prompts | representative prompt | final discrepancy | sampling probability | visits |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| region | distinctive words | prompts | representative prompt | final discrepancy | sampling probability "
+             "| visits |", "|---|---|---|---|---|---|---|"]
     for region in region_report["regions"]:
         example = markdown_text(region["representatives"][0]) if region["representatives"] else ""
-        lines.append(f"| {region['region']} | {region['size']} | {example} | {region['discrepancy']:.4f} | "
+        words = markdown_text(", ".join(region.get("keywords", []))) or "-"
+        lines.append(f"| {region['region']} | {words} | {region['size']} | {example} | {region['discrepancy']:.4f} | "
                      f"{region['probability']:.3f} | {region['visits']} |")
     return "\n".join(lines)
 
