@@ -1128,10 +1128,14 @@ def build_validation_and_evaluation(run, data, models):
     if args.validation_prompts:
         from aria_utils.training.validation_images import Validator
 
+        index, region_names = data.region_index, None
+        if index is not None:  # each column says which region its prompt falls in
+            regions = index.assign_prompts(args.validation_prompts, data.corpus.prompts)
+            region_names = [index.label(int(region)) for region in regions]
         validator = Validator(args.validation_prompts, models.teacher_unet, models.vae, models.prompt_encoder,
                               models.noise_scheduler, training_resolution(args, models), args.seed,
                               args.validation_inference_steps, args.validation_guidance_scale, args.output_dir,
-                              accelerator.device)
+                              accelerator.device, region_names=region_names)
     if args.eval_steps is not None:
         from aria_utils.evaluation.discrepancy import PeriodicEvaluation
 

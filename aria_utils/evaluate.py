@@ -38,6 +38,7 @@ from aria_utils.evaluation.discrepancy import (
     default_timestep_grid,
     finite_psnr,
     group_means,
+    initial_noise_seed,
     region_labels,
     summarise_discrepancy,
 )
@@ -340,6 +341,8 @@ def evaluate_discrepancy(args, index, prompts, categories, region_ids, labels, r
     report.update({"noise_seeds": list(setup.noise_seeds), "timesteps": list(setup.timesteps),
                    "num_inference_steps": args.num_inference_steps, "students": {}})
     sample_regions = region_ids[sample_indices]
+    sample_labels = [f"{prompts[i]}\nregion {index.label(int(region_ids[i]))}; "
+                     f"seed {initial_noise_seed(args.seed, setup.noise_seeds[0], i)}" for i in sample_indices]
     for name, unet in students.items():
         logger.info("Evaluating %s", name)
         per_sample = evaluator.noise_discrepancy(unet, setup)
@@ -360,7 +363,7 @@ def evaluate_discrepancy(args, index, prompts, categories, region_ids, labels, r
                         "psnr": finite_psnr(samples["psnr"].mean()), "per_region": per_region_samples},
         }
         save_sample_grid(os.path.join(args.output_dir, f"samples_{name}.png"), samples["teacher_images"],
-                         samples["student_images"])
+                         samples["student_images"], name, sample_labels)
 
 
 def run_evaluation(args):

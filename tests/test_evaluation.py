@@ -4,6 +4,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -104,8 +105,11 @@ def test_report_files(comparison):
         with Image.open(output / name) as image:
             assert image.size[0] >= 400 and image.size[1] >= 300
     with Image.open(output / "samples_trained.png") as grid:
-        # Teacher row over student row of 32 px images, one column per sampled prompt.
-        assert grid.size == (32 * NUM_REGIONS, 64)
+        # Teacher row over student row, one column per sampled prompt, the 32 px images scaled to 128 px, with the
+        # row names on the left and each column's prompt, region and seed above it.
+        assert grid.size[0] > 128 * NUM_REGIONS and grid.size[1] > 2 * 128
+        pixels = np.asarray(grid.convert("L"))
+        assert (pixels[: grid.size[1] - 2 * 128] < 128).any()  # text in the header
 
 
 def test_missing_prompt_file(eval_assets, capsys):
@@ -157,3 +161,20 @@ def test_training_logs_periodic_evaluation(assets, eval_assets, tmp_path):
         assert all(f"aria/{kind}/region_{k:02d}" in scalars for k in range(NUM_REGIONS)), kind
     assert "aria/region_discrepancy_heatmap" in events.Tags()["images"]
     assert {"loss/task", "loss/kd_output", "loss/kd_feat", "lr", "step_time", "samples_per_second"} <= set(scalars)
+
+
+def test_validation_grid_columns_name_prompt_region_and_seed(tmp_path):
+    """Each column: its prompt, then (a line of its own) its region's name and the seed of its image."""
+    from diffusers import DDPMScheduler
+
+    from aria_utils.training.validation_images import Validator, labelled_grid
+
+    validator = Validator(["a cat", "a dog"], None, None, None, DDPMScheduler(), 32, 5, 2, 1.0, str(tmp_path), "cpu",
+                          region_names=["3: cat, tiger, dog", "7: hedgehog, cat, dog"])
+    # generate_images seeds the image of prompt i with seed + i
+    assert validator.column_labels == ["a cat\nregion 3: cat, tiger, dog; seed 5",
+                                       "a dog\nregion 7: hedgehog, cat, dog; seed 6"]
+    images = np.zeros((1, 8, 8, 3))
+    one_line = labelled_grid([images], ["teacher"], ["x y"], min_size=64)
+    two_lines = labelled_grid([images], ["teacher"], ["x\ny"], min_size=64)
+    assert two_lines.shape[0] == one_line.shape[0] + 18  # the line break is kept: one 18 px header line more

@@ -65,6 +65,11 @@ class EvaluationSetup:
     teacher_predictions: dict = field(default_factory=dict)  # (start, seed index, time index) -> prediction
 
 
+def initial_noise_seed(seed, noise_seed, position):
+    """The seed of a prompt's initial noise: depends on its position only, not on its batch."""
+    return seed * 7_919 + noise_seed * 104_729 + int(position)
+
+
 class DiscrepancyEvaluator:
     """Holds the frozen teacher parts; evaluates any number of student UNets against the teacher."""
 
@@ -116,7 +121,7 @@ class DiscrepancyEvaluator:
             batch_positions = positions[start : start + setup.batch_size]
             initial = torch.stack([
                 torch.randn(shape, generator=torch.Generator().manual_seed(
-                    setup.seed * 7_919 + noise_seed * 104_729 + int(position)))
+                    initial_noise_seed(setup.seed, noise_seed, position)))
                 for position in batch_positions
             ]).to(self.device, self.dtype)
             result = pipeline(list(prompts[start : start + setup.batch_size]),

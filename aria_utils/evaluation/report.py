@@ -186,11 +186,12 @@ def plot_reports(report, output_dir):
         plot_discrepancy(report, output_dir)
 
 
-def save_sample_grid(path, teacher_images, student_images):
-    """Teacher row over student row; columns are already grouped by region."""
+def save_sample_grid(path, teacher_images, student_images, student_name, column_labels):
+    """Teacher row over student row, each column labelled (prompt, region, seed); columns grouped by region."""
     from PIL import Image
 
-    from aria_utils.training.validation_images import image_grid
+    from aria_utils.training.validation_images import labelled_grid
 
     to_hwc = lambda images: images.permute(0, 2, 3, 1).numpy()  # noqa: E731
-    Image.fromarray(image_grid([to_hwc(teacher_images), to_hwc(student_images)])).save(path)
+    Image.fromarray(labelled_grid([to_hwc(teacher_images), to_hwc(student_images)], ["teacher", student_name],
+                                  column_labels, min_size=128)).save(path)

@@ -30,7 +30,8 @@ def image_grid(rows):
 
 def labelled_grid(rows, row_labels, column_labels, min_size=256):
     """`image_grid`, readable: every image scaled up (nearest, so pixels stay visible) to at least
-    `min_size` pixels, a label left of each row and the (wrapped) prompt above each column."""
+    `min_size` pixels, a label left of each row and the (wrapped) prompt above each column. A column
+    label's lines ("\n") are wrapped one by one: the prompt first, then e.g. its region and seed."""
     import textwrap
 
     from PIL import Image, ImageDraw, ImageFont
@@ -39,7 +40,8 @@ def labelled_grid(rows, row_labels, column_labels, min_size=256):
     scale = max(1, -(-min_size // min(height, width)))
     cell_height, cell_width = height * scale, width * scale
     font = ImageFont.load_default(size=14)
-    wrapped = [textwrap.wrap(label, width=max(8, cell_width // 8))[:4] for label in column_labels]
+    wrapped = [[line for part in label.split("\n") for line in textwrap.wrap(part, width=max(8, cell_width // 8))[:4]]
+               for label in column_labels]
     header = 8 + 18 * max(len(lines) for lines in wrapped)
     margin = 8 + 8 * max(len(label) for label in row_labels)
     canvas = Image.new("RGB", (margin + cell_width * len(column_labels), header + cell_height * len(rows)), "white")
@@ -60,10 +62,14 @@ class Validator:
     """Generates and logs teacher-vs-student images every --validation_steps."""
 
     def __init__(self, prompts, teacher_unet, vae, prompt_encoder, scheduler, resolution, seed,
-                 num_inference_steps, guidance_scale, output_dir, device):
+                 num_inference_steps, guidance_scale, output_dir, device, region_names=None):
         from diffusers import DDIMScheduler
 
         self.prompts = list(prompts)
+        # Above each column: the prompt, its region (when regions exist) and the seed of its image.
+        self.column_labels = [
+            f"{prompt}\n" + (f"region {region_names[index]}; " if region_names else "") + f"seed {seed + index}"
+            for index, prompt in enumerate(self.prompts)]
         # DDIM with few steps: the training scheduler (DDPM) needs ~1000 steps to give images.
         self.scheduler = DDIMScheduler.from_config(scheduler.config)
         self.vae, self.prompt_encoder = vae, prompt_encoder
@@ -89,7 +95,7 @@ class Validator:
             self._teacher_images = self._generate(self.teacher_unet)
         student_images = self._generate(student_unet)
         grid = labelled_grid([self._teacher_images, student_images], ["teacher", f"student, step {step}"],
-                             self.prompts)
+                             self.column_labels)
         os.makedirs(self.output_dir, exist_ok=True)
         Image.fromarray(grid).save(os.path.join(self.output_dir, f"step-{step}.png"))
         log_image(trackers, "validation/teacher_over_student", grid, step)
