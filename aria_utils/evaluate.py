@@ -179,26 +179,33 @@ def image_metric_flags_problem(args):
     return None
 
 
-def load_student_unet(path, teacher_path=None):
-    """A student UNet from a pipeline / UNet folder or hub id, or a LoRA folder fused onto its base.
+def unet_source(path, teacher_path):
+    """(folder or hub id, subfolder) of a model's UNet weights and config. `path` None is the teacher; a LoRA
+    folder's base is its own `unet/` when it has one (a LoRA-trained BK student), else the teacher's."""
+    from aria_utils.training.lora import LORA_WEIGHT_NAME
 
-    A LoRA folder's base is its own `unet/` when it has one (a LoRA-trained BK student), else the teacher's.
-    """
+    base = path or teacher_path
+    if os.path.isfile(os.path.join(base, LORA_WEIGHT_NAME)) and not os.path.isdir(os.path.join(base, "unet")):
+        base = teacher_path
+    return base, "unet" if not os.path.isdir(base) or os.path.isdir(os.path.join(base, "unet")) else None
+
+
+def load_student_unet(path, teacher_path=None):
+    """A student UNet from a pipeline / UNet folder or hub id, or a LoRA folder fused onto its base."""
     from diffusers import UNet2DConditionModel
 
     from aria_utils.training.lora import LORA_WEIGHT_NAME
     from aria_utils.families import family_of_pipeline
 
+    base, subfolder = unet_source(path, teacher_path)
     if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
-        base = path if os.path.isdir(os.path.join(path, "unet")) else teacher_path
         cls, extra = family_of_pipeline(base).pipeline_class()
         pipeline = cls.from_pretrained(base, **extra)
         pipeline.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME)
         pipeline.fuse_lora()
         pipeline.unload_lora_weights()
         return pipeline.unet
-    subfolder = "unet" if not os.path.isdir(path) or os.path.isdir(os.path.join(path, "unet")) else None
-    return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder)
+    return UNet2DConditionModel.from_pretrained(base, subfolder=subfolder)
 
 
 def versions():
@@ -217,15 +224,10 @@ def versions():
 
 
 def unet_config(path, teacher_path):
-    """The config of a model's UNet (`path` None: the teacher's), as `load_student_unet` would resolve it."""
+    """The config of a model's UNet (`path` None: the teacher's), as `load_student_unet` resolves it."""
     from diffusers import UNet2DConditionModel
 
-    from aria_utils.training.lora import LORA_WEIGHT_NAME
-
-    base = path or teacher_path
-    if os.path.isfile(os.path.join(base, LORA_WEIGHT_NAME)) and not os.path.isdir(os.path.join(base, "unet")):
-        base = teacher_path  # LoRA on the teacher: the fused UNet has the teacher's shape
-    subfolder = "unet" if not os.path.isdir(base) or os.path.isdir(os.path.join(base, "unet")) else None
+    base, subfolder = unet_source(path, teacher_path)
     return UNet2DConditionModel.load_config(base, subfolder=subfolder)
 
 

@@ -138,10 +138,9 @@ def score_image_set(image_folder, slots, prompts, scorers, scoring_settings, bat
     from PIL import Image
 
     folder = scoring_folder(image_folder, scoring_settings)
-    if process_index == 0:
-        os.makedirs(folder, exist_ok=True)
-        write_json_atomically(os.path.join(folder, "scoring.json"), scoring_settings)
     os.makedirs(folder, exist_ok=True)
+    if process_index == 0:
+        write_json_atomically(os.path.join(folder, "scoring.json"), scoring_settings)
     for chunk in slots.chunks(SCORING_CHUNK, process_index, num_processes):
         path = os.path.join(folder, f"chunk_{chunk.start:08d}.safetensors")
         if not os.path.isfile(path):
