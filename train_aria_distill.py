@@ -49,7 +49,10 @@ from aria_utils.data.paired_data import (
 from aria_utils.training.preemption import Preempted, PreemptionFlag, grace_period_warning, keep_console_when_pipe_breaks
 from aria_utils.data.prompts import PromptCorpusError, check_prompt_file, load_prompt_corpus
 from aria_utils.quiet import silence_known_harmless_messages
-from aria_utils.families import family_of_config, load_frozen_teacher, vae_scale_factor
+from aria_utils.families import (DENOISER_FOLDERS, denoiser_config_of_pipeline, family_of_config, load_frozen_teacher,
+                                  vae_scale_factor)
+from aria_utils.families.noise import FLOW_WEIGHTING_SCHEMES, FlowMatchingSampling
+from aria_utils.families.sd3 import DEFAULT_MAX_SEQUENCE_LENGTH, DEPTH_VARIANTS
 from aria_utils.method.region_tracker import RegionTrackerConfig
 from aria_utils.training.config import BatchConfig, ConditioningConfig, LossWeights, OptimizerConfig, RunConfigs
 from aria_utils.training.distillation_step import all_processes_agree, build_distillation_step, build_optimizer
@@ -75,12 +78,23 @@ def build_parser():
                              "--single_file_config.")
     parser.add_argument("--revision", default=None, help="Hub revision of the teacher.")
     parser.add_argument("--variant", default=None, help="Weight variant of the teacher, e.g. fp16.")
-    parser.add_argument("--student_config", choices=students.STUDENT_VARIANTS, default="bk_small",
-                        help="Student derived from the teacher's UNet config and initialised from its weights: BK-SDM "
-                             "bk_base/bk_small/bk_tiny (bk_tiny: SD-1.x/2.x only), or KOALA koala_1b/koala_700m "
-                             "(SDXL teachers).")
+    parser.add_argument("--student_config", choices=students.STUDENT_VARIANTS + tuple(DEPTH_VARIANTS), default="bk_small",
+                        help="Student derived from the teacher's denoiser config: BK-SDM bk_base/bk_small/bk_tiny "
+                             "(bk_tiny: SD-1.x/2.x only), KOALA koala_1b/koala_700m (SDXL), RC's channel-reduced "
+                             "c_base/c_small/c_tiny/c_micro (SD-1.x/2.x; random init), or depth-pruned depth_1_2/"
+                             "depth_1_3 (SD 3.x: a half / a third of the transformer blocks).")
     parser.add_argument("--student_model_name_or_path", default=None,
-                        help="Start from this UNet instead (diffusers folder / hub id, with or without a unet/ subfolder).")
+                        help="Start from this denoiser instead (diffusers folder / hub id, with or without a unet/ or "
+                             "transformer/ subfolder).")
+    # ----- flow-matching teachers (SD 3.x), as diffusers' SD3 training scripts -----
+    parser.add_argument("--weighting_scheme", choices=FLOW_WEIGHTING_SCHEMES, default="logit_normal",
+                        help="How training sigmas are drawn (logit_normal, mode, else uniform), or, for sigma_sqrt / "
+                             "cosmap, how each sample's loss is weighted. Flow-matching teachers only.")
+    parser.add_argument("--logit_mean", type=float, default=0.0, help="Mean of --weighting_scheme logit_normal.")
+    parser.add_argument("--logit_std", type=float, default=1.0, help="Std of --weighting_scheme logit_normal.")
+    parser.add_argument("--mode_scale", type=float, default=1.29, help="Scale of --weighting_scheme mode.")
+    parser.add_argument("--max_sequence_length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH,
+                        help="T5 prompt tokens of an SD 3.x teacher (diffusers' SD3 scripts: 77; its pipeline: 256).")
     # ----- paired data -----
     parser.add_argument("--train_data_dir", default=None,
                         help="Teacher latents from aria_utils.generate_teacher_data, or an imagefolder with metadata.jsonl.")
@@ -113,7 +127,9 @@ def build_parser():
     # ----- ARIA -----
     parser.add_argument("--num_regions", type=int, default=16, help="K: k-means regions of the condition corpus.")
     parser.add_argument("--region_embedding_model", default="sentence-transformers/all-MiniLM-L6-v2",
-                        help="Sentence-transformer for the regions: hub id or local path.")
+                        help="Sentence-transformer for the regions: hub id or local path; or `teacher` (`teacher:mean`): "
+                             "the teacher's own (first) text encoder, its pooled end-of-text state (its mean over the "
+                             "tokens), so regions group prompts as the denoiser sees them.")
     parser.add_argument("--region_embedding_batch_size", type=int, default=128)
     parser.add_argument("--region_cache_dir", default=None,
                         help="Region index cache; default: OUTPUT_DIR/regions. Runs may share one: the index of another "
@@ -172,13 +188,21 @@ def build_parser():
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                         help="Default: Accelerate's config. fp16 needs a GPU.")
     parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    parser.add_argument("--speed_report_repeats", type=int, default=5,
+                        help="At the end, time teacher and student on the training device (median of this many runs "
+                             "after warm-up; 0: no timing) and count their parameters and MACs, for "
+                             "train_summary.json and the model card.")
     parser.add_argument("--teacher_quantization", choices=["none", "8bit", "4bit"], default="none",
-                        help="Load the frozen teacher UNet and text encoder with bitsandbytes (GPU only).")
+                        help="Load the frozen teacher denoiser and text encoders (SD 3.x's T5 included) with "
+                             "bitsandbytes (GPU only).")
     # ----- LoRA students -----
     parser.add_argument("--use_lora", action="store_true", help="Train a LoRA adapter on the student instead of all weights.")
     parser.add_argument("--lora_rank", type=int, default=16)
     parser.add_argument("--lora_alpha", type=float, default=16)
-    parser.add_argument("--lora_target_modules", nargs="+", default=["to_k", "to_q", "to_v", "to_out.0"])
+    parser.add_argument("--lora_target_modules", nargs="+", default=None,
+                        help="Module-name suffixes the adapter wraps. Default: the attention projections (UNet: to_q "
+                             "to_k to_v to_out.0; SD 3.x also the text stream's add_q_proj add_k_proj add_v_proj "
+                             "to_add_out).")
     parser.add_argument("--lora_merge", action="store_true",
                         help="Write the student with the adapter fused into its weights instead of a separate LoRA file.")
     # ----- Hugging Face Hub -----
@@ -191,7 +215,8 @@ def build_parser():
                              "folder or single file is left out, since the Hub refuses a card whose base_model is a path.")
     parser.add_argument("--hub_license", default=None,
                         help="The model card's license. Default: the teacher family's (SD-1.x creativeml-openrail-m, "
-                             "SD-2.x and SDXL openrail++): a distilled student is a derivative of its teacher.")
+                             "SD-2.x and SDXL openrail++, SD 3.x other: stabilityai-ai-community): a distilled student is a "
+                             "derivative of its teacher.")
     parser.add_argument("--hub_push_checkpoints", action="store_true",
                         help="Also push the student UNet at every checkpoint, in the background.")
     parser.add_argument("--ddp_timeout", type=int, default=7200,
@@ -249,7 +274,7 @@ AT_LEAST_ONE_WHEN_SET = ("max_train_steps", "max_train_samples", "checkpoints_to
 POSITIVE = ("learning_rate", "adam_epsilon", "max_grad_norm", "aria_temperature", "aria_dro_step_size", "lora_alpha")
 NON_NEGATIVE = ("lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "lambda_sd", "lambda_kd_output",
                 "lambda_kd_feat", "aria_warmup_steps", "aria_warmup_min_visits", "random_conditioning_lambda",
-                "validation_guidance_scale")
+                "validation_guidance_scale", "speed_report_repeats")
 DECAY_RATES = ("adam_beta1", "adam_beta2", "ema_decay", "aria_ema_decay", "aria_progress_decay")  # in [0, 1)
 
 
@@ -324,15 +349,20 @@ def teacher_problem(args):
     if args.single_file_config or args.original_config:
         return (f"--single_file_config / --original_config describe a single-file .safetensors teacher; "
                 f"{teacher!r} is not one.")
-    required = [f"{folder}/" for folder in PIPELINE_SUBFOLDERS] + ["unet/config.json"]
+    required = [f"{folder}/" for folder in PIPELINE_SUBFOLDERS]
     problem = pretrained_source_problem(teacher, "--pretrained_model_name_or_path", required, args.revision)
+    denoiser_configs = [f"{folder}/config.json" for folder in DENOISER_FOLDERS]
+    if not problem and os.path.isdir(teacher) and not any(os.path.isfile(os.path.join(teacher, path))
+                                                          for path in denoiser_configs):
+        problem = (f"--pretrained_model_name_or_path {teacher!r} is a folder but lacks a denoiser "
+                   f"({' or '.join(denoiser_configs)}): pass a diffusers pipeline folder (as written by save_pretrained).")
     if problem or not args.student_model_name_or_path:
         return problem
     student = args.student_model_name_or_path
     if os.path.isdir(student) and not any(os.path.isfile(os.path.join(student, path))
-                                          for path in ("config.json", "unet/config.json")):
-        return (f"--student_model_name_or_path {student!r} holds neither config.json nor unet/config.json: pass a "
-                "UNet folder or a pipeline folder.")
+                                          for path in ("config.json", *denoiser_configs)):
+        return (f"--student_model_name_or_path {student!r} holds neither config.json nor {' nor '.join(denoiser_configs)}: "
+                "pass a denoiser folder or a pipeline folder.")
     return pretrained_source_problem(student, "--student_model_name_or_path")
 
 
@@ -391,35 +421,35 @@ def output_dir_problem(args):
     return None
 
 
-SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FLOW_MATCHING_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
 
 
 def read_teacher_configs(args):
-    """The teacher UNet's config, read before any weights (None for a single file, converted later).
+    """The teacher denoiser's config, read before any weights (None for a single file, converted later).
 
     A wrong hub id or revision, or a teacher this script cannot train against, fails here: before the
     corpus is read and the region index is built.
     """
     if single_file.is_single_file(args.pretrained_model_name_or_path):
         return None
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
     kwargs = dict(revision=args.revision, cache_dir=args.cache_dir)
     try:
-        unet_config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet", **kwargs)
+        family, unet_config = denoiser_config_of_pipeline(args.pretrained_model_name_or_path, **kwargs)
         scheduler_config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
                                                      **kwargs)
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: its "
-                         f"unet/ and scheduler/ configs could not be read ({type(error).__name__}: {error}).") from None
-    family = family_of_config(unet_config)
+                         f"denoiser ({' or '.join(f'{folder}/' for folder in DENOISER_FOLDERS)}) and scheduler/ "
+                         f"configs could not be read ({type(error).__name__}: {error}).") from None
     problem = pretrained_source_problem(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
                                         family.required_folders(), args.revision)
     if problem:  # e.g. an SDXL refiner: one text encoder, the second one's conditioning
         raise SystemExit(f"error: {family.missing_folders_message}; {problem}")
     if not args.student_model_name_or_path:
         try:  # a student this teacher cannot have (bk_tiny of SDXL, KOALA of SD-1.5) fails before any loading
-            students.student_config_from_teacher(unet_config, args.student_config)
+            family.student_config(unet_config, args.student_config)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
     # DDIM (validation) offsets every timestep by steps_offset: more steps would index past the schedule.
@@ -427,10 +457,17 @@ def read_teacher_configs(args):
     if args.validation_prompts and args.validation_inference_steps > most_steps:
         raise SystemExit(f"error: --validation_inference_steps {args.validation_inference_steps} is more than the "
                          f"teacher's scheduler can take (at most {most_steps}); lower it.")
-    prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    if prediction_type not in SUPPORTED_PREDICTION_TYPES:
-        raise SystemExit(f"error: the teacher's scheduler predicts {prediction_type!r}; this script trains "
-                         f"{', '.join(SUPPORTED_PREDICTION_TYPES)} teachers.")
+    problem = family.scheduler_problem(scheduler_config)
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    # Flags of another family's teachers would be recorded and then not used: refused instead.
+    parser = build_parser()
+    flags = [*(FLOW_MATCHING_FLAGS if not family.flow_matching else ()),
+             *(("max_sequence_length",) if not family.takes_max_sequence_length else ())]
+    changed = [f"--{name}" for name in flags if getattr(args, name) != parser.get_default(name)]
+    if changed:
+        raise SystemExit(f"error: {', '.join(changed)} apply to SD 3.x teachers (flow matching, a T5 encoder); this "
+                         f"teacher is {family.name} ({family.pipeline_class_name}): drop them.")
     return unet_config
 
 
@@ -464,7 +501,7 @@ def memory_report(teacher_unet, text_encoders, student, use_8bit_adam, feature_p
     gib = 1024 ** 3
     projectors = (f", feature projectors {projector_count / 1e6:.2f}M params {projector_bytes / gib:.2f} GiB"
                   if feature_projectors is not None else "")
-    return (f"Memory: teacher UNet {teacher_count / 1e6:.1f}M params {teacher_bytes / gib:.2f} GiB, text encoder(s) "
+    return (f"Memory: teacher denoiser {teacher_count / 1e6:.1f}M params {teacher_bytes / gib:.2f} GiB, text encoder(s) "
             f"{text_bytes / gib:.2f} GiB; student {student_count / 1e6:.1f}M params {student_bytes / gib:.2f} GiB"
             f"{projectors}, {trainable_count / 1e6:.2f}M trainable; optimizer state {optimizer_bytes / gib:.2f} GiB "
             f"({'8-bit' if use_8bit_adam else 'fp32'} AdamW)")
@@ -513,25 +550,25 @@ def public_args(args):
     return {key: value for key, value in vars(args).items() if key not in SECRET_ARGS}
 
 
-def load_initial_student(args, teacher_path, teacher_unet=None, load_kwargs=None):
-    """The student before training: --student_model_name_or_path, or BK-SDM's init from the teacher.
+def load_initial_student(args, family, teacher_path, teacher_unet=None, load_kwargs=None):
+    """The student before training: --student_model_name_or_path, or its family's init from the teacher.
 
-    `teacher_unet` must hold full-precision weights; when not given it is loaded from `teacher_path`
-    (the end of a LoRA run needs the untrained base again).
+    `teacher_unet` (the teacher's denoiser) must hold full-precision weights; when not given it is loaded from
+    `teacher_path` (the end of a LoRA run needs the untrained base again).
     """
-    from diffusers import UNet2DConditionModel
-
+    denoiser_class, folder = family.denoiser_class(), family.denoiser_folder
     if args.student_model_name_or_path:
         path = args.student_model_name_or_path
-        subfolder = "unet" if os.path.isdir(os.path.join(path, "unet")) else None
-        return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, cache_dir=args.cache_dir)
+        subfolder = folder if os.path.isdir(os.path.join(path, folder)) else None
+        return denoiser_class.from_pretrained(path, subfolder=subfolder, cache_dir=args.cache_dir)
     if teacher_unet is None:
-        teacher_unet = UNet2DConditionModel.from_pretrained(teacher_path, subfolder="unet", **(load_kwargs or {}))
-    return students.build_student(teacher_unet, args.student_config)
+        teacher_unet = denoiser_class.from_pretrained(teacher_path, subfolder=folder, **(load_kwargs or {}))
+    return family.build_student(teacher_unet, args.student_config)
 
 
-def write_card(args, teacher_path, teacher_unet, student, repo_id=None, resume_history=()):
+def write_card(args, teacher_path, teacher_unet, student, repo_id=None, resume_history=(), speed=None):
     family = family_of_config(teacher_unet.config)
+    from aria_utils.evaluation.speed import speed_table
     from aria_utils.publishing.hub import looks_like_local_path
     from aria_utils.publishing.model_card import (
         hub_base_model,
@@ -544,17 +581,20 @@ def write_card(args, teacher_path, teacher_unet, student, repo_id=None, resume_h
     images = sorted(os.listdir(validation_dir), key=lambda n: int(n.split("-")[1].split(".")[0])) \
         if os.path.isdir(validation_dir) else []
     description = (f"LoRA (rank {args.lora_rank}) on a {args.student_model_name_or_path or args.student_config} student"
-                   if args.use_lora else f"{students.student_family(args.student_config)} `{args.student_config}` student"
-                   if not args.student_model_name_or_path else f"student UNet from `{args.student_model_name_or_path}`")
+                   if args.use_lora else f"{family.student_origin(args.student_config)} `{args.student_config}` student"
+                   if not args.student_model_name_or_path else
+                   f"student {family.denoiser_description} from `{args.student_model_name_or_path}`")
     write_model_card(
         args.output_dir, teacher_path, description, students.count_parameters(teacher_unet),
         students.count_parameters(student), public_args(args), redacted_command(sys.argv[1:], [f"--{name}" for name in SECRET_ARGS]),
         region_report=load_region_report(args.output_dir), validation_images=[f"validation/{n}" for n in images[-1:]],
         lora=args.use_lora and not args.lora_merge, base_model=hub_base_model(teacher_path, args.hub_base_model),
         license=args.hub_license or family.license(teacher_unet.config),
+        license_details=None if args.hub_license else family.license_details(teacher_unet.config),
         datasets=[name for name in (args.dataset_name, args.prompt_dataset_name)
                   if name and not looks_like_local_path(name) and not os.path.exists(name)],
-        repo_id=repo_id, family=family, resume_history=resume_history)
+        repo_id=repo_id, family=family, resume_history=resume_history,
+        speed=speed_table(speed, family.denoiser_description) if speed is not None else None)
 
 
 def peak_host_memory_bytes():
@@ -565,14 +605,17 @@ def peak_host_memory_bytes():
 
 
 def write_train_summary(path, step_times, tracker_times, total_batch_size, global_step, nonfinite_skipped,
-                        first_step_finished_at=None):
-    """Throughput of this run's steps (the first few are excluded as warm-up), ARIA's share of it, and
-    the main process's peak host memory and the wall-clock time its first step finished."""
+                        first_step_finished_at=None, speed=None):
+    """Throughput of this run's steps (the first few are excluded as warm-up), ARIA's share of it, the main
+    process's peak host memory and the wall-clock time its first step finished, and the student's speed and
+    size against the teacher (`speed`, when measured)."""
     skip = min(3, max(0, len(step_times) - 1))
     steady_steps, steady_tracker = np.asarray(step_times[skip:]), np.asarray(tracker_times[skip:])
     summary = {"global_step": global_step, "steps_timed": int(len(steady_steps)),
                "nonfinite_skipped": nonfinite_skipped, "peak_host_memory_bytes": peak_host_memory_bytes(),
                "first_step_finished_at": first_step_finished_at}
+    if speed is not None:
+        summary["speed"] = speed
     if len(steady_steps):
         summary.update(mean_step_time=float(steady_steps.mean()), median_step_time=float(np.median(steady_steps)),
                        samples_per_second=float(total_batch_size / steady_steps.mean()),
@@ -680,6 +723,7 @@ class Models:
     teacher_unet: object
     vae: object
     noise_scheduler: object
+    noise: object  # the teacher's training noise (families/noise.py): timesteps drawn, latents noised, the target
     text_encoders: list
     prompt_encoder: object
     student: object
@@ -798,21 +842,38 @@ def load_data(run):
     if run.configs.conditioning.uses_regions:
         from aria_utils.method.region_index import build_or_load_region_index, region_fingerprint
 
+        cache_dir = args.region_cache_dir or os.path.join(args.output_dir, "regions")
+        embedding_model = region_embedding_model(args, cache_dir, accelerator)
         # Checked before the index is (re)built, so the checkpoint's own cache is left alone.
         if run.resumed_state is not None:
-            run.refuse_changes(region_fingerprint(data.corpus.prompts, args.region_embedding_model, args.num_regions,
+            run.refuse_changes(region_fingerprint(data.corpus.prompts, embedding_model, args.num_regions,
                                                   args.region_seed))
         data.region_index = build_or_load_region_index(
-            data.corpus.prompts, cache_dir=args.region_cache_dir or os.path.join(args.output_dir, "regions"),
-            model_name=args.region_embedding_model, num_regions=args.num_regions, seed=args.region_seed,
+            data.corpus.prompts, cache_dir=cache_dir,
+            model_name=embedding_model, num_regions=args.num_regions, seed=args.region_seed,
             batch_size=args.region_embedding_batch_size, accelerator=accelerator,
         )
     return data
 
 
+def region_embedding_model(args, cache_dir, accelerator):
+    """--region_embedding_model, with `teacher` / `teacher:mean` made into a sentence-transformers folder of the
+    teacher's text encoder in the region cache (by the main process; the others then find it)."""
+    from aria_utils.method.region_index import teacher_embedding_model, teacher_embedding_pooling
+
+    name = args.region_embedding_model
+    if teacher_embedding_pooling(name) is None:
+        return name
+    if single_file.is_single_file(args.pretrained_model_name_or_path):
+        raise SystemExit(f"error: --region_embedding_model {name} reads the teacher's text_encoder/ folder; a "
+                         "single-file teacher has none before its conversion: convert it once (a first run does, into "
+                         "OUTPUT_DIR/teacher_diffusers) and pass that folder as --pretrained_model_name_or_path.")
+    with accelerator.main_process_first():
+        return teacher_embedding_model(name, args.pretrained_model_name_or_path, cache_dir, args.revision)
+
+
 def load_models(run):
     """The frozen teacher (converted once when a single file), the student initialised from it, EMA, LoRA."""
-    from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
     args, accelerator, weight_dtype = run.args, run.accelerator, run.weight_dtype
@@ -831,10 +892,10 @@ def load_models(run):
     teacher = load_frozen_teacher(teacher_path, **load_kwargs)
     family, teacher_unet, text_encoders = teacher.family, teacher.unet, teacher.text_encoders
 
-    student = load_initial_student(args, teacher_path, teacher_unet)
+    student = load_initial_student(args, family, teacher_path, teacher_unet)
     student.train()
-    logger.info("Teacher UNet %.1fM parameters, student %.1fM", students.count_parameters(teacher_unet) / 1e6,
-                students.count_parameters(student) / 1e6)
+    logger.info("Teacher %s %.1fM parameters, student %.1fM", family.denoiser_description,
+                students.count_parameters(teacher_unet) / 1e6, students.count_parameters(student) / 1e6)
     if args.teacher_quantization != "none":
         # The student was initialised from the full-precision weights above; KD only needs the
         # teacher's outputs, so it now runs quantized.
@@ -849,30 +910,36 @@ def load_models(run):
         from aria_utils.training.lora import add_lora_adapter
 
         # Frozen base in the compute dtype, trainable adapter in fp32 (no "unscale FP16 gradients" error).
-        add_lora_adapter(student, args.lora_rank, args.lora_alpha, args.lora_target_modules, base_dtype=weight_dtype)
+        add_lora_adapter(student, args.lora_rank, args.lora_alpha,
+                         args.lora_target_modules or list(family.lora_target_modules), base_dtype=weight_dtype)
     feature_projectors = None
-    if students.needs_feature_projection(student, teacher_unet):
+    if family.needs_feature_projection(student, teacher_unet):
         from aria_utils.training.feature_projectors import FeatureProjectors
 
         # Drawn after the student's own random init, from the same seeded generator.
-        feature_projectors = FeatureProjectors(student, teacher_unet, students.feature_layer_pairs(student, teacher_unet))
+        feature_projectors = FeatureProjectors(student, teacher_unet, family.feature_layer_pairs(student, teacher_unet))
     logger.info(memory_report(teacher_unet, text_encoders, student, args.use_8bit_adam, feature_projectors))
     if args.enable_xformers_memory_efficient_attention:
         teacher_unet.enable_xformers_memory_efficient_attention()
         student.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
+    flow_matching_sampling = FlowMatchingSampling(args.weighting_scheme, args.logit_mean, args.logit_std,
+                                                  args.mode_scale)
     models = Models(family=family, teacher_path=teacher_path, load_kwargs=load_kwargs, teacher_unet=teacher_unet,
-                    vae=teacher.vae, noise_scheduler=teacher.noise_scheduler, text_encoders=text_encoders,
-                    # Prompts -> what both UNets are conditioned on (hidden states, and e.g. SDXL's pooled embeddings).
-                    prompt_encoder=family.prompt_encoder(teacher.tokenizers, text_encoders),
+                    vae=teacher.vae, noise_scheduler=teacher.noise_scheduler,
+                    noise=family.training_noise(teacher.noise_scheduler, flow_matching_sampling),
+                    text_encoders=text_encoders,
+                    # Prompts -> what both denoisers are conditioned on (hidden states, and e.g. pooled embeddings).
+                    prompt_encoder=family.prompt_encoder(teacher.tokenizers, text_encoders, args.max_sequence_length),
                     student=student, ema_student=None, use_lora=args.use_lora, feature_projectors=feature_projectors)
     if args.use_ema:
         models.ema_student = EMAModel(models.ema_parameters(student), decay=args.ema_decay,
-                                      model_cls=None if args.use_lora else UNet2DConditionModel,
+                                      model_cls=None if args.use_lora else family.denoiser_class(),
                                       model_config=None if args.use_lora else student.config)
         models.ema_student.to(accelerator.device)
-    checkpointing.StudentCheckpointHooks(accelerator, UNet2DConditionModel, models.ema_student).register()
+    checkpointing.StudentCheckpointHooks(accelerator, family.denoiser_class(), models.ema_student,
+                                         student_folder=family.denoiser_folder).register()
     return models
 
 
@@ -936,7 +1003,7 @@ class Trainer:
                                                          index.num_regions if index is not None else 1)
         if data.region_index is not None:
             self.region_tracker = RegionTracker.from_config(configs.region_tracker, self.sampler,
-                                                            models.noise_scheduler.config.num_train_timesteps)
+                                                            models.noise.num_train_timesteps)
         # About ten heat-map columns per validation interval: enough to draw, and bounded in every checkpoint.
         self.region_history_stride = max(1, args.validation_steps // 10)
         self.drawn_conditions = hashlib.sha256()  # only fed with --debug_process_states
@@ -955,8 +1022,8 @@ class Trainer:
         # Micro-conditioning of latents whose set stores none: generated at their own size, uncropped.
         latent_image_size = data.paired.latent_shape[1] * vae_scale_factor(models.vae.config)
         self.distillation_step = build_distillation_step(
-            accelerator, self.student, models.teacher_unet, models.prompt_encoder, models.noise_scheduler,
-            self.optimizer, self.lr_scheduler, data.paired, data.caption_region_ids, data.corpus_prompts, self.sampler,
+            accelerator, self.student, models.teacher_unet, models.prompt_encoder, models.noise, self.optimizer,
+            self.lr_scheduler, data.paired, data.caption_region_ids, data.corpus_prompts, self.sampler,
             self.region_tracker, self.max_train_steps, configs.batch, configs.conditioning, configs.loss_weights,
             configs.optimizer.max_grad_norm, start_step=self.state.global_step, ema_student=models.ema_student,
             ema_parameters=models.ema_parameters, weight_dtype=run.weight_dtype,
@@ -1006,7 +1073,7 @@ class Trainer:
             if warning:
                 logger.warning(warning)
         if self.run.checkpoint_pusher is not None:
-            student_folder = "unet_lora" if self.args.use_lora else "unet"
+            student_folder = "unet_lora" if self.args.use_lora else self.models.family.denoiser_folder
             self.run.checkpoint_pusher.push(os.path.join(saved, student_folder), student_folder, step)
         return saved
 
@@ -1219,12 +1286,13 @@ def finish(trainer):
                                 trainer.region_tracker)
             trainer.validate_and_plot(state.global_step)
         write_json_atomically(os.path.join(args.output_dir, "training_args.json"), public_args(args))
+        speed = measure_speed(trainer, final_student) if args.speed_report_repeats > 0 else None
         write_train_summary(os.path.join(args.output_dir, "train_summary.json"), trainer.step_times,
                             trainer.tracker_times, trainer.total_batch_size, state.global_step,
-                            state.nonfinite_skipped, trainer.first_step_finished_at)
+                            state.nonfinite_skipped, trainer.first_step_finished_at, speed)
         # The card names the teacher as the user gave it (hub id, folder or file), not its converted copy.
         write_card(args, args.pretrained_model_name_or_path, models.teacher_unet, final_student, run.hub_repo_id,
-                   state.resume_history)
+                   state.resume_history, speed)
         push_to_hub(run)
         run_folder.apply_umask_to_outputs(args.output_dir)
         logger.info("Student pipeline saved to %s", args.output_dir)
@@ -1232,11 +1300,29 @@ def finish(trainer):
     run.output_claim.release()
 
 
+def measure_speed(trainer, final_student):
+    """The student's size and speed against the teacher's on the training device, in the training dtype."""
+    from aria_utils.evaluation.speed import speed_report
+
+    models, args, accelerator = trainer.models, trainer.args, trainer.accelerator
+    logger.info("Measuring teacher and student: parameters, MACs, latency (--speed_report_repeats %d)",
+                args.speed_report_repeats)
+    with accelerator.autocast():  # the fp32 student runs its matrix products in the training dtype, as it trained
+        report = speed_report(models.family, models.teacher_unet, final_student, models.vae, models.prompt_encoder,
+                              models.noise_scheduler.config, training_resolution(args, models), accelerator.device,
+                              trainer.run.weight_dtype, repeats=args.speed_report_repeats)
+    if accelerator.mixed_precision in ("fp16", "bf16"):
+        report["dtype"] = f"{accelerator.mixed_precision} (teacher weights; fp32 student under autocast)"
+    if args.use_lora:
+        report["note"] = "the LoRA student was timed with its adapter beside the weights, not merged"
+    return report
+
+
 def save_student(args, models, final_student):
     if args.use_lora:
         from aria_utils.publishing.export import save_lora_student
 
-        base_student = load_initial_student(args, models.teacher_path, load_kwargs=models.load_kwargs)
+        base_student = load_initial_student(args, models.family, models.teacher_path, load_kwargs=models.load_kwargs)
         save_lora_student(final_student, base_student, models.teacher_path, args.output_dir, models.load_kwargs,
                           args.lora_merge)
     else:

@@ -131,7 +131,7 @@ def parse_args(argv=None):
     names = [name for name, _ in args.student]
     if len(set(names)) != len(names):
         parser.error(f"--student names must be unique, got {names}; use NAME=PATH.")
-    problem = pretrained_source_problem(args.teacher, "--teacher", ["unet/config.json", "scheduler/", "vae/"])
+    problem = pretrained_source_problem(args.teacher, "--teacher", ["scheduler/", "vae/"])
     for _, path in args.student:
         problem = problem or pretrained_source_problem(path, "--student")
     problem = problem or image_metric_flags_problem(args)
@@ -180,32 +180,46 @@ def image_metric_flags_problem(args):
 
 
 def unet_source(path, teacher_path):
-    """(folder or hub id, subfolder) of a model's UNet weights and config. `path` None is the teacher; a LoRA
-    folder's base is its own `unet/` when it has one (a LoRA-trained BK student), else the teacher's."""
+    """(folder or hub id, subfolder) of a model's denoiser (UNet or transformer) weights and config. `path` None is
+    the teacher; a LoRA folder's base is its own denoiser folder when it has one (a LoRA-trained BK student), else
+    the teacher's."""
+    from aria_utils.families import DENOISER_FOLDERS
     from aria_utils.training.lora import LORA_WEIGHT_NAME
 
+    def own_folder(base):
+        return next((folder for folder in DENOISER_FOLDERS if os.path.isdir(os.path.join(base, folder))), None)
+
     base = path or teacher_path
-    if os.path.isfile(os.path.join(base, LORA_WEIGHT_NAME)) and not os.path.isdir(os.path.join(base, "unet")):
+    if os.path.isfile(os.path.join(base, LORA_WEIGHT_NAME)) and own_folder(base) is None:
         base = teacher_path
-    return base, "unet" if not os.path.isdir(base) or os.path.isdir(os.path.join(base, "unet")) else None
+    if not os.path.isdir(base):  # a hub id: its family says where its denoiser is
+        from aria_utils.families import family_of_pipeline
+
+        return base, family_of_pipeline(base).denoiser_folder
+    return base, own_folder(base)
+
+
+def _denoiser_class(config):
+    from aria_utils.families import family_of_config
+
+    return family_of_config(config).denoiser_class()
 
 
 def load_student_unet(path, teacher_path=None):
-    """A student UNet from a pipeline / UNet folder or hub id, or a LoRA folder fused onto its base."""
-    from diffusers import UNet2DConditionModel
-
+    """A student denoiser from a pipeline / denoiser folder or hub id, or a LoRA folder fused onto its base."""
     from aria_utils.training.lora import LORA_WEIGHT_NAME
     from aria_utils.families import family_of_pipeline
 
     base, subfolder = unet_source(path, teacher_path)
     if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
-        cls, extra = family_of_pipeline(base).pipeline_class()
+        family = family_of_pipeline(base)
+        cls, extra = family.pipeline_class()
         pipeline = cls.from_pretrained(base, **extra)
         pipeline.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME)
         pipeline.fuse_lora()
         pipeline.unload_lora_weights()
-        return pipeline.unet
-    return UNet2DConditionModel.from_pretrained(base, subfolder=subfolder)
+        return getattr(pipeline, family.denoiser_folder)
+    return _denoiser_class(unet_config(path, teacher_path)).from_pretrained(base, subfolder=subfolder)
 
 
 def versions():
@@ -224,21 +238,20 @@ def versions():
 
 
 def unet_config(path, teacher_path):
-    """The config of a model's UNet (`path` None: the teacher's), as `load_student_unet` resolves it."""
-    from diffusers import UNet2DConditionModel
+    """The config of a model's denoiser (`path` None: the teacher's), as `load_student_unet` resolves it."""
+    from aria_utils.families import load_denoiser_config
 
     base, subfolder = unet_source(path, teacher_path)
-    return UNet2DConditionModel.load_config(base, subfolder=subfolder)
+    return load_denoiser_config(base, subfolder=subfolder)
 
 
 def unet_parameter_count(config):
-    """Parameters of a UNet, from its config on the meta device (nothing is loaded)."""
+    """Parameters of a denoiser, from its config on the meta device (nothing is loaded)."""
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(config)
-    return sum(parameter.numel() for parameter in unet.parameters())
+        model = _denoiser_class(config).from_config(config)
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
 def sample_prompt_indices(region_ids, per_region):
@@ -288,12 +301,13 @@ def evaluate_images(args, state, prompts, categories, region_ids, labels):
     for name, student_config in configs.items():  # before minutes of loading and generating
         check_compatible(configs[TEACHER_NAME], student_config, name)
     dtype = compute_dtype(args, state.device)
-    cls, extra = family_of_pipeline(args.teacher).pipeline_class()
+    family = family_of_pipeline(args.teacher)
+    cls, extra = family.pipeline_class()
     teacher_pipeline = cls.from_pretrained(args.teacher, **extra)
     scale = 2 ** (len(teacher_pipeline.vae.config.block_out_channels) - 1)
     config = ImageMetricsConfig(
         metrics=tuple(m for m in args.metrics if m in IMAGE_METRICS),
-        resolution=args.image_resolution or teacher_pipeline.unet.config.sample_size * scale,
+        resolution=args.image_resolution or configs[TEACHER_NAME]["sample_size"] * scale,
         eval_resolution=args.eval_resolution or None, num_inference_steps=args.image_inference_steps,
         guidance_scale=args.guidance_scale, images_per_prompt=args.images_per_prompt, seed=args.seed,
         batch_size=args.batch_size, fid_reference=args.fid_reference, inception_weights=args.inception_weights,
@@ -303,7 +317,8 @@ def evaluate_images(args, state, prompts, categories, region_ids, labels):
     images.check_settings({name: path or TEACHER_NAME for name, path in models.items()}, state.is_main_process)
     state.wait_for_everyone()  # the main process has removed its last run's partial files: generation may start
     teacher_pipeline.to(state.device, dtype)
-    images.generate(teacher_pipeline, models, lambda path: load_student_unet(path, args.teacher), state)
+    images.generate(teacher_pipeline, models, lambda path: load_student_unet(path, args.teacher), state,
+                    denoiser_folder=family.denoiser_folder)
     del teacher_pipeline
     images.move_scorers(scorers, state.device)
     score_folders = images.score(list(models), scorers, state)

@@ -133,21 +133,22 @@ def teacher_identity(name):
 
 def latent_geometry(args):
     """(latent shape, image resolution) from the teacher's configs alone: no weights are loaded."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
-    from aria_utils.families import vae_scale_factor
+    from aria_utils.families import DENOISER_FOLDERS, denoiser_config_of_pipeline, vae_scale_factor
 
     problem = pretrained_source_problem(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
-                                        ["unet/config.json", "vae/config.json"], args.revision)
+                                        ["vae/config.json"], args.revision)
     if problem:
         raise SystemExit(f"error: {problem}")
     kwargs = dict(revision=args.revision)
     try:
-        unet_config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet", **kwargs)
+        _, unet_config = denoiser_config_of_pipeline(args.pretrained_model_name_or_path, **kwargs)
         vae_config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", **kwargs)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"error: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: its unet/ "
-                         f"and vae/ configs could not be read ({type(error).__name__}: {error}).") from None
+        raise SystemExit(f"error: --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: its denoiser "
+                         f"({' or '.join(f'{folder}/' for folder in DENOISER_FOLDERS)}) and vae/ configs could not be "
+                         f"read ({type(error).__name__}: {error}).") from None
     scale = vae_scale_factor(vae_config)
     resolution = args.resolution or unet_config["sample_size"] * scale
     if resolution % scale:
@@ -219,7 +220,7 @@ def verify_finished_shards(output_dir, manifest, state):
     shards = range(len(manifest["shards"])) if complete else finished_shards(output_dir, manifest)
     mine = list(shards)[state.process_index :: state.num_processes]
     damaged = []
-    for shard_index in tqdm(mine, desc="Verifying shards", unit="shard", disable=not state.is_main_process):
+    for shard_index in tqdm(mine, desc="Verifying shards", unit="shard", disable=not state.is_main_process or not mine):
         problem = verify_shard(output_dir, manifest, shard_index, read_data=complete)
         if problem:
             damaged.append((shard_index, problem))

@@ -15,6 +15,12 @@ KNOWN_HARMLESS = {
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion": ("You have disabled the safety checker",),
     # Casting a model whose list of modules to keep in float32 is empty: there is nothing to keep.
     "diffusers.models.modeling_utils": ("that should be kept in float32: [].",),
+    # The region embedder's own start-up notes: the region index logs what it builds and where.
+    "sentence_transformers.base.model": ("No device provided, using", "Loading SentenceTransformer model from"),
+    "sentence_transformers.SentenceTransformer": ("No device provided, using", "Load pretrained SentenceTransformer"),
+    # Accelerate's account of each file of a checkpoint; the training log names every finished checkpoint once.
+    "accelerate.accelerator": ("Saving current state to",),
+    "accelerate.checkpointing": ("state saved in", "Random states saved in", "Model weights saved in"),
 }
 
 
@@ -29,8 +35,17 @@ class _DropMessages(logging.Filter):
 
 
 def silence_known_harmless_messages():
-    """Attach the filters (idempotent); call before the libraries are imported or used."""
+    """Attach the filters (idempotent); call before the libraries are imported or used.
+
+    Also turns off the libraries' per-file progress bars (transformers' "Loading weights" and "Writing model
+    shards", diffusers' "Loading pipeline components"): loading and saving a model takes seconds, and this
+    project's own bars show the stages that take long."""
     for name, fragments in KNOWN_HARMLESS.items():
         logger = logging.getLogger(name)
         if not any(isinstance(existing, _DropMessages) for existing in logger.filters):
             logger.addFilter(_DropMessages(fragments))
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()

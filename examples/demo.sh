@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded default, offline, on CPU:
 # tiny teacher -> demo corpus -> teacher latents (RC's paired set) -> ARIA distillation -> student pipeline.
-# Usage: bash examples/demo.sh [--sdxl] [OUT_DIR] [extra train_aria_distill.py flags...]
+# Usage: bash examples/demo.sh [--sdxl | --sd3] [OUT_DIR] [extra train_aria_distill.py flags...]
 #   --sdxl: a tiny SDXL-topology teacher (two text encoders, pooled embeddings, time ids) and a KOALA
 #           koala_700m student instead of SD-1.x and bk_small; default OUT_DIR demo_output_sdxl.
+#   --sd3:  a tiny SD 3.5-Medium-topology teacher (MMDiT transformer, two CLIP encoders and a T5, flow
+#           matching) and a depth_1_2 student (half the transformer blocks); default OUT_DIR demo_output_sd3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SDXL=0
-if [ "${1:-}" = "--sdxl" ]; then SDXL=1; shift; fi
+FAMILY=sd
+if [ "${1:-}" = "--sdxl" ]; then FAMILY=sdxl; shift; elif [ "${1:-}" = "--sd3" ]; then FAMILY=sd3; shift; fi
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 PY=.venv/bin/python
-if [ "$SDXL" = 1 ]; then
+if [ "$FAMILY" = sdxl ]; then
   OUT="${1:-demo_output_sdxl}"; TEACHER_FLAGS=(--sdxl); STUDENT=koala_700m; PIPELINE=StableDiffusionXLPipeline
+elif [ "$FAMILY" = sd3 ]; then
+  OUT="${1:-demo_output_sd3}"; TEACHER_FLAGS=(--sd3); STUDENT=depth_1_2; PIPELINE=StableDiffusion3Pipeline
 else
   OUT="${1:-demo_output}"; TEACHER_FLAGS=(); STUDENT=bk_small; PIPELINE=StableDiffusionPipeline
 fi
@@ -57,6 +61,7 @@ silence_known_harmless_messages()
 import diffusers
 folder, pipeline_name = sys.argv[1], sys.argv[2]
 pipe = getattr(diffusers, pipeline_name).from_pretrained(folder)
+pipe.set_progress_bar_config(disable=True)  # four steps; the line below says what came of them
 image = pipe("a violin on a stage", num_inference_steps=4, generator=torch.manual_seed(0)).images[0]
 image.save(f"{folder}/demo_sample.png")
 print(f"{pipeline_name} student at {folder} loads and generates: {folder}/demo_sample.png")

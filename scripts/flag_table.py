@@ -13,7 +13,7 @@ def flag_rows():
         if not action.option_strings or action.dest == "help":
             continue
         flag = max(action.option_strings, key=len)
-        default = "" if action.default in (None, False) else f"`{action.default}`"
+        default = "" if action.default is None or action.default is False else f"`{action.default}`"  # 0 is a value
         choices = f" ({', '.join(map(str, action.choices))})" if action.choices else ""
         help_text = (action.help or "").replace("|", "\\|")
         yield f"| `{flag}` | {default} | {help_text}{choices} |"

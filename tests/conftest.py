@@ -38,6 +38,8 @@ def training_command(assets, output_dir, *extra, sampling="random", steps=6):
     """The training script's command on the session's assets; the region index comes from the session's cache
     unless `extra` names a `--region_cache_dir` (as a test of building the index does)."""
     region_cache = [] if "--region_cache_dir" in extra else ["--region_cache_dir", assets["region_cache"]]
+    # The end-of-training timing costs seconds per run: only the tests of it ask for it.
+    speed = [] if "--speed_report_repeats" in extra else ["--speed_report_repeats", "0"]
     return [
         sys.executable, os.path.join(REPO_ROOT, "train_aria_distill.py"),
         "--pretrained_model_name_or_path", assets["teacher"],
@@ -51,6 +53,7 @@ def training_command(assets, output_dir, *extra, sampling="random", steps=6):
         "--report_to", "none",
         "--output_dir", str(output_dir),
         *region_cache,
+        *speed,
         *extra,
     ]
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from aria_utils.training.losses import DistillationLoss, per_sample_mse, training_target
+from aria_utils.training.losses import DistillationLoss, per_sample_mse
 
 
 def make_inputs(batch=4, seed=0):
@@ -72,12 +72,18 @@ def test_task_target_follows_the_teacher_prediction_type():
     """epsilon: the noise; v_prediction: the velocity; sample (x0-prediction teachers): the clean latent."""
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    from aria_utils.families.noise import DiscreteNoise
+
     latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     timesteps = torch.tensor([10, 500, 990])
-    assert training_target("epsilon", scheduler, latents, noise, timesteps) is noise
-    assert torch.equal(training_target("v_prediction", scheduler, latents, noise, timesteps),
-                       scheduler.get_velocity(latents, noise, timesteps))
-    assert training_target("sample", scheduler, latents, noise, timesteps) is latents
+
+    def target(prediction_type):
+        return DiscreteNoise(DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)).target(
+            latents, noise, timesteps)
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    assert target("epsilon") is noise
+    assert torch.equal(target("v_prediction"), scheduler.get_velocity(latents, noise, timesteps))
+    assert target("sample") is latents
     with pytest.raises(ValueError, match="prediction type 'flow_prediction'"):
-        training_target("flow_prediction", scheduler, latents, noise, timesteps)
+        target("flow_prediction")

@@ -1,5 +1,6 @@
 """LoRA students, 8-bit options, the model card and pushing to the Hub (issue: students that get published)."""
 
+import json
 import os
 
 import pytest
@@ -24,7 +25,8 @@ def lora_run(assets, tmp_path_factory):
                                    "--mixed_precision", "bf16", "--hub_token", TOKEN, "--num_regions", "3",
                                    "--aria_warmup_steps", "1", "--validation_prompts", "a violin on a stage",
                                    "--validation_steps", "2", "--validation_inference_steps", "2",
-                                   "--resume_from_checkpoint", "latest", sampling="aria", steps=4))
+                                   "--resume_from_checkpoint", "latest", "--speed_report_repeats", "1",
+                                   sampling="aria", steps=4))
     return output, first.stdout + first.stderr + resumed.stdout + resumed.stderr
 
 
@@ -78,6 +80,12 @@ def test_model_card(lora_run):
     assert "## ARIA regions" in card.text and card.text.count("\n| 0 |") + card.text.count("\n| 1 |") >= 2
     assert "accelerate launch train_aria_distill.py" in card.text and "validation/step-4.png" in card.text
     assert f'from_pretrained("{output}")' in card.text and "repo_id" not in card.text
+    # The student's measured size and speed, on the training device in the training dtype.
+    speed = json.load(open(output / "train_summary.json"))["speed"]
+    assert speed["dtype"].startswith("bf16") and "not merged" in speed["note"]
+    assert speed["student"]["parameters"] < speed["teacher"]["parameters"]
+    assert speed["student"]["macs"] < speed["teacher"]["macs"] and speed["teacher"]["generation_seconds"] > 0
+    assert "## Speed and size" in card.text and "| student / teacher |" in card.text
 
 
 def test_prompts_in_the_card_stay_text(tmp_path):

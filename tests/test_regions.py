@@ -124,3 +124,37 @@ def test_regions_are_named_by_their_most_distinctive_words(assets, tmp_path):
                            region_names=[index.label(k) for k in range(32)])
     # At 100 dpi every one of the 32 rows gets at least 20 pixels: room for its 8-point name.
     assert image.shape[0] >= 32 * 20 and (tmp_path / "heatmap.png").is_file()
+
+
+def test_regions_in_the_teacher_text_encoder_space(assets, tmp_path):
+    """--region_embedding_model teacher: the training run embeds its corpus with the teacher's own text encoder
+    (CLIP's pooled state), records it in the region cache and report; teacher:mean averages the tokens."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from aria_utils.method.region_index import RegionIndexError, embed_prompts, teacher_embedding_model
+    from conftest import run, training_command
+
+    cache, output = tmp_path / "cache", tmp_path / "run"
+    run(training_command(assets, output, "--region_embedding_model", "teacher", "--num_regions", "3",
+                         "--region_cache_dir", str(cache), sampling="aria", steps=2))
+    identity = f"teacher text_encoder of {os.path.abspath(assets['teacher'])} (pooled)"
+    [index_meta] = [json.load(open(path)) for path in cache.rglob("regions.json")]
+    assert index_meta["fingerprint"]["embedding_model"] == identity
+    assert json.load(open(output / "aria_regions.json"))["embedding_model"] == identity
+
+    tokenizer = CLIPTokenizer.from_pretrained(assets["teacher"], subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(assets["teacher"], subfolder="text_encoder")
+    prompts = ["a violin on a stage", "an oil painting of a harbour"]
+    tokens = tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        output_states = encoder(**tokens)
+    mask = tokens.attention_mask.unsqueeze(-1).float()
+    expected = {"pooled": output_states.pooler_output,
+                "mean": (output_states.last_hidden_state * mask).sum(1) / mask.sum(1)}
+    for pooling, vectors in expected.items():
+        folder = teacher_embedding_model(f"teacher:{pooling}", assets["teacher"], str(cache))
+        vectors = torch.nn.functional.normalize(vectors, dim=-1).numpy()
+        assert np.allclose(embed_prompts(prompts, folder, show_progress=False), vectors, atol=1e-5)
+    with pytest.raises(RegionIndexError, match="teacher:pooled or teacher:mean"):
+        teacher_embedding_model("teacher:max", assets["teacher"], str(cache))

@@ -149,8 +149,11 @@ def test_sdxl_teacher_latents_store_their_micro_conditioning(sdxl_assets):
 
 
 def test_per_image_micro_conditioning_reaches_the_micro_batches(tmp_path):
+    from diffusers import DDPMScheduler
+
     from aria_utils.data.paired_data import PairedDataError, load_paired_latents, save_paired_latents
     from aria_utils.data.step_batches import PairedMicroBatches
+    from aria_utils.families.noise import DiscreteNoise
 
     latents = torch.randn(4, 4, 8, 8)
     micro = [[64 + i, 48, i, 0, 32, 32] for i in range(4)]
@@ -159,13 +162,13 @@ def test_per_image_micro_conditioning_reaches_the_micro_batches(tmp_path):
     paired = load_paired_latents(str(tmp_path / "set"))
     assert paired.time_ids([3, 1]).tolist() == [micro[3], micro[1]]
     assert paired.truncated(2).time_ids([1]).tolist() == [micro[1]]
-    batches = PairedMicroBatches(paired, 2, 1, 0, 1, 0, 1000, np.full(4, -1), 2, default_time_ids=[9] * 6)
+    batches = PairedMicroBatches(paired, 2, 1, 0, 1, 0, DiscreteNoise(DDPMScheduler()), np.full(4, -1), 2, default_time_ids=[9] * 6)
     item = batches[0]
     captions = list(item["captions"])
     assert item["time_ids"].tolist() == [micro[int(caption.split()[1])] for caption in captions]
     # A set without micro-conditioning (SD-made, or older) gets the default.
     save_paired_latents(str(tmp_path / "plain"), latents, [f"caption {i}" for i in range(4)])
-    plain = PairedMicroBatches(load_paired_latents(str(tmp_path / "plain")), 2, 1, 0, 1, 0, 1000, np.full(4, -1), 2,
+    plain = PairedMicroBatches(load_paired_latents(str(tmp_path / "plain")), 2, 1, 0, 1, 0, DiscreteNoise(DDPMScheduler()), np.full(4, -1), 2,
                                default_time_ids=[9] * 6)
     assert plain[0]["time_ids"].tolist() == [[9] * 6] * 2
     # Rows that only partly carry it are refused.

@@ -35,6 +35,7 @@ import torch
 from aria_utils.cli import UserInputError
 from aria_utils.files import apply_umask, read_safetensors_header, write_bytes_atomically, write_json_atomically
 from aria_utils.data.prompts import TextTable
+from aria_utils.families.base import latents_from_vae
 
 logger = logging.getLogger(__name__)
 
@@ -598,7 +599,7 @@ def encode_image_dataset(dataset, vae, image_column, caption_column, resolution,
     for pixels, batch_micro, batch_captions in tqdm(loader, desc="Encoding images", disable=not show_progress):
         posterior = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
         noise = torch.randn(posterior.mean.shape, generator=generator).to(device=device, dtype=posterior.mean.dtype)
-        encoded = (posterior.mean + posterior.std * noise) * vae.config.scaling_factor
+        encoded = latents_from_vae(posterior.mean + posterior.std * noise, vae.config)
         pending_latents.append(encoded.float().cpu())
         pending_captions.extend(batch_captions)
         pending_micro.extend(batch_micro.tolist())

@@ -36,13 +36,13 @@ class PairedMicroBatches(torch.utils.data.Dataset):
     """Item `micro_index`: the tracker-independent half of that micro-batch of this process."""
 
     def __init__(self, paired, batch_size, gradient_accumulation_steps, process_index, num_processes, seed,
-                 num_train_timesteps, caption_region_ids, num_micro_batches, default_time_ids=None):
+                 noise, caption_region_ids, num_micro_batches, default_time_ids=None):
         self.paired = paired
         self.batch_size = batch_size
         self.accumulation = gradient_accumulation_steps
         self.process_index, self.num_processes = process_index, num_processes
         self.seed = seed
-        self.num_train_timesteps = num_train_timesteps
+        self.noise = noise  # draws each sample's timestep (families/noise.py)
         self.caption_region_ids = np.asarray(caption_region_ids, dtype=np.int64)
         self.num_micro_batches = num_micro_batches
         # Micro-conditioning of latents whose set stores none (generated images: original = target size).
@@ -64,7 +64,7 @@ class PairedMicroBatches(torch.utils.data.Dataset):
             # only: the step reports it, and every process stops together (see DistillationStep).
             return {"micro_index": int(micro_index), "data_problem": str(error)}
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, self.num_train_timesteps, (len(indices),), generator=generator)
+        timesteps = self.noise.sample_timesteps(len(indices), generator)
         replace_draw, drop_draw = condition_draws(len(indices), generator)
         time_ids = self.paired.time_ids(indices)
         if time_ids is None:

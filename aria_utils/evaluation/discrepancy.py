@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from aria_utils.cli import UserInputError
+from aria_utils.families.base import vae_input_from_latents
 from aria_utils.training.preemption import raise_if_preempted, stop_when_preempted
 
 
@@ -30,7 +31,8 @@ class EvaluationError(UserInputError):
 def check_compatible(teacher_unet, student_unet, student_name="student"):
     """Teacher and student must take the same latents and text states. Each is a UNet or its config."""
     teacher_config, student_config = (dict(getattr(unet, "config", unet)) for unet in (teacher_unet, student_unet))
-    for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type"):
+    for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "joint_attention_dim",
+                "pooled_projection_dim", "patch_size"):
         teacher_value, student_value = teacher_config.get(key), student_config.get(key)
         if teacher_value != student_value:
             raise EvaluationError(
@@ -75,12 +77,11 @@ class DiscrepancyEvaluator:
 
     def __init__(self, teacher_unet, prompt_encoder, scheduler, vae, device, dtype=torch.float32,
                  show_progress=True):
-        from diffusers import DDIMScheduler
-
         self.teacher_unet = teacher_unet
         self.prompt_encoder = prompt_encoder
-        self.noise_scheduler = scheduler
-        self.sampling_scheduler = DDIMScheduler.from_config(scheduler.config)
+        self.family = prompt_encoder.family
+        self.noise = self.family.training_noise(scheduler)  # only its noising is used: the timesteps are a grid
+        self.sampling_scheduler = self.family.sampling_scheduler(scheduler.config)
         self.vae = vae
         self.device = device
         self.dtype = dtype
@@ -126,7 +127,8 @@ class DiscrepancyEvaluator:
             ]).to(self.device, self.dtype)
             result = pipeline(list(prompts[start : start + setup.batch_size]),
                               num_inference_steps=setup.num_inference_steps, guidance_scale=setup.guidance_scale,
-                              latents=initial, output_type="latent", callback_on_step_end=stop_when_preempted)
+                              latents=initial, output_type="latent", callback_on_step_end=stop_when_preempted,
+                              **self.prompt_encoder.pipeline_call_kwargs())
             outputs.append(result.images.float().cpu())
         return torch.cat(outputs)
 
@@ -154,15 +156,15 @@ class DiscrepancyEvaluator:
                 for time_index, timestep in enumerate(setup.timesteps):
                     generator = torch.Generator().manual_seed(noise_seed * 1_000_003 + timestep * 1_009 + start)
                     noise = torch.randn(x0.shape, generator=generator).to(self.device)
-                    t = torch.full((stop - start,), timestep, device=self.device, dtype=torch.long)
-                    noisy = self.noise_scheduler.add_noise(x0, noise, t).to(self.dtype)
+                    t = torch.full((stop - start,), timestep, device=self.device, dtype=self.noise.timestep_dtype)
+                    noisy = self.noise.noisy_latents(x0, noise, t).to(self.dtype)
                     key = (start, seed_index, time_index)
                     teacher = setup.teacher_predictions.get(key)
                     if teacher is None:
-                        teacher = self.teacher_unet(noisy, t, states, added_cond_kwargs=added_cond_kwargs).sample.float()
+                        teacher = self.family.denoise(self.teacher_unet, noisy, t, states, added_cond_kwargs).float()
                         if setup.cache_teacher_predictions:
                             setup.teacher_predictions[key] = teacher
-                    student = student_unet(noisy, t, states, added_cond_kwargs=added_cond_kwargs).sample.float()
+                    student = self.family.denoise(student_unet, noisy, t, states, added_cond_kwargs).float()
                     result[start:stop, seed_index, time_index] = (teacher - student).pow(2).flatten(1).mean(1).double().cpu()
         return result.numpy()
 
@@ -171,7 +173,7 @@ class DiscrepancyEvaluator:
     def decode(self, latents):
         images = []
         for start in range(0, len(latents), 8):
-            batch = latents[start : start + 8].to(self.device, self.dtype) / self.vae.config.scaling_factor
+            batch = vae_input_from_latents(latents[start : start + 8].to(self.device, self.dtype), self.vae.config)
             images.append((self.vae.decode(batch).sample.float().clamp(-1, 1).cpu() + 1) / 2)
         return torch.cat(images)
 

@@ -101,8 +101,9 @@ class ImageEvaluation:
                 generation.remove_partial_images(self.folder(name))
 
     # ----- stage 1: images --------------------------------------------------------------------------
-    def generate(self, teacher_pipeline, models, load_unet, state):
-        """Every model's missing images; `models` is {name: path}, `load_unet(path)` gives its UNet."""
+    def generate(self, teacher_pipeline, models, load_unet, state, denoiser_folder="unet"):
+        """Every model's missing images; `models` is {name: path}, `load_unet(path)` gives its denoiser, which the
+        pipeline takes as `denoiser_folder` (unet or transformer)."""
         from tqdm.auto import tqdm
 
         names = list(models)
@@ -114,9 +115,10 @@ class ImageEvaluation:
             folder = self.folder(name)
             if generation.count_images(folder) == self.slots.count:
                 continue
-            unet = teacher_pipeline.unet if models[name] is None else load_unet(models[name])
-            pipeline = pipeline_class(**dict(teacher_pipeline.components, unet=unet.to(teacher_pipeline.device,
-                                                                                       teacher_pipeline.unet.dtype)))
+            teacher_denoiser = getattr(teacher_pipeline, denoiser_folder)
+            unet = teacher_denoiser if models[name] is None else load_unet(models[name])
+            pipeline = pipeline_class(**dict(teacher_pipeline.components, **{denoiser_folder: unet.to(
+                teacher_pipeline.device, teacher_denoiser.dtype)}))
             pipeline.set_progress_bar_config(disable=True)
             done_before = sum(generation.count_images(self.folder(n)) for n in names[:position])
 

@@ -72,6 +72,13 @@ class StableDiffusionXL(ModelFamily):
 
         return StableDiffusionXLPipeline, {"add_watermarker": False}
 
+    def example_conditioning(self, denoiser_config, batch_size, device, dtype, text_tokens=None):
+        states, _ = super().example_conditioning(denoiser_config, batch_size, device, dtype, text_tokens)
+        pooled_width = (denoiser_config["projection_class_embeddings_input_dim"]
+                        - 6 * denoiser_config["addition_time_embed_dim"])
+        return states, {"text_embeds": torch.zeros(batch_size, pooled_width, device=device, dtype=dtype),
+                        "time_ids": torch.zeros(batch_size, 6, device=device, dtype=dtype)}
+
     def generation_micro_conditioning(self, resolution):
         # What SDXL's pipeline conditions on when given only height and width: original = target size, no crop.
         return [resolution, resolution, 0, 0, resolution, resolution]

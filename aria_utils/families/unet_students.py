@@ -59,7 +59,8 @@ def _without_innermost_stage(value, num_stages, innermost_first=False):
 def student_config_from_teacher(teacher_config, variant):
     """The BK-SDM student UNet config for `variant`, derived from a teacher UNet config dict."""
     if variant not in STUDENT_VARIANTS:
-        raise ValueError(f"--student_config {variant!r} is unknown; choose one of {', '.join(STUDENT_VARIANTS)}.")
+        raise ValueError(f"--student_config {variant!r} is not a student of a UNet teacher (SD-1.x/2.x, SDXL); choose "
+                         f"one of {', '.join(STUDENT_VARIANTS)}.")
     config = {key: value for key, value in dict(teacher_config).items() if not key.startswith("_")}
     if variant in CHANNEL_VARIANTS:
         return _narrowed(config, variant)
@@ -212,12 +213,17 @@ def student_to_teacher_key_map(student, teacher):
 
 def init_student_from_teacher(student, teacher):
     """Copy teacher weights into the student by `student_to_teacher_key_map`. Fails loudly on any gap."""
+    return copy_mapped_weights(student, teacher, student_to_teacher_key_map(student, teacher))
+
+
+def copy_mapped_weights(student, teacher, mapping):
+    """Load every student weight from the teacher weight `mapping` names for it; fails loudly on any gap."""
     import torch
 
     teacher_state = teacher.state_dict()
     student_state = student.state_dict()
     new_state = {}
-    for student_key, teacher_key in student_to_teacher_key_map(student, teacher).items():
+    for student_key, teacher_key in mapping.items():
         if teacher_key not in teacher_state:
             raise KeyError(f"Student weight {student_key} maps to {teacher_key}, which the teacher does not have.")
         source = teacher_state[teacher_key]

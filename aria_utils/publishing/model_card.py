@@ -92,10 +92,12 @@ def _resume_changes(resume_history):
 
 def write_model_card(output_dir, teacher, student_description, teacher_parameters, student_parameters, hyperparameters,
                      command, region_report=None, evaluation=None, validation_images=(), lora=False, base_model=None,
-                     license="creativeml-openrail-m", datasets=(), repo_id=None, family=None, resume_history=()):
+                     license="creativeml-openrail-m", datasets=(), repo_id=None, family=None, resume_history=(),
+                     license_details=None, speed=None):
     """Write OUTPUT_DIR/README.md; returns its path. `repo_id` names the model in the usage snippet
     (the Hub repo when pushing, else the output folder); `family` (the teacher's, default Stable
-    Diffusion 1.x/2.x) gives the snippet's pipeline and extra tags."""
+    Diffusion 1.x/2.x) gives the snippet's pipeline and extra tags; `license_details` (license_name,
+    license_link) go with a license "other"; `speed` is the measured speed-and-size table (markdown)."""
     from aria_utils.families.sd import STABLE_DIFFUSION
 
     from huggingface_hub import ModelCard, ModelCardData
@@ -113,7 +115,7 @@ def write_model_card(output_dir, teacher, student_description, teacher_parameter
     teacher_link = f"[`{teacher}`](https://huggingface.co/{teacher})" if base_model == teacher else f"`{teacher}`"
     metadata = ModelCardData(base_model=base_model, license=license, library_name="diffusers",
                              pipeline_tag="text-to-image", tags=TAGS + list(family.card_tags) + (["lora"] if lora else []),
-                             datasets=list(datasets) or None)
+                             datasets=list(datasets) or None, **(license_details or {}))
     sections = [
         "---",
         metadata.to_yaml(),
@@ -125,7 +127,7 @@ def write_model_card(output_dir, teacher, student_description, teacher_parameter
         "output and feature knowledge distillation, Random Conditioning, and ARIA's adaptive allocation of random "
         "conditions over regions of the prompt space.",
         "",
-        "| | UNet parameters |",
+        f"| | {family.denoiser_description} parameters |",
         "|---|---|",
         f"| teacher | {teacher_parameters / 1e6:.1f}M |",
         f"| student | {student_parameters / 1e6:.1f}M ({ratio:.0%} of the teacher) |",
@@ -149,6 +151,8 @@ def write_model_card(output_dir, teacher, student_description, teacher_parameter
         "|---|---|",
         hyperparameter_rows,
     ]
+    if speed is not None:
+        sections += ["", "## Speed and size", "", speed]
     if resume_history:
         sections += ["", "The run was resumed with changed flags, each honoured from the step given:", "",
                      *_resume_changes(resume_history)]

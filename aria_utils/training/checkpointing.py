@@ -4,7 +4,8 @@ A checkpoint folder `checkpoint-<step>` holds
 - Accelerate's `save_state` output (optimizer, lr scheduler, grad scaler, RNG), written by every
   process so DeepSpeed/FSDP shards are saved too; Accelerate reads it back with torch's
   `weights_only` loader;
-- `unet/` (and `unet_ema/`, or `unet_lora/` and `unet_lora_ema/` for LoRA): the student in safetensors, written by the
+- `unet/` or `transformer/` (and `unet_ema/` / `transformer_ema/`, or `unet_lora/` and `unet_lora_ema/` for LoRA): the
+  student in safetensors, written by the
   save hook below instead of Accelerate's generic model file, so a checkpoint's student can be loaded
   on its own with `UNet2DConditionModel.from_pretrained`;
 - `training_state.json`: step, tracker and the rest of this project's state, written last.
@@ -409,10 +410,12 @@ def load_parameter_ema(ema_model, directory):
 class StudentCheckpointHooks:
     """Accelerate save/load hooks writing the student (and its EMA) as diffusers folders in safetensors."""
 
-    def __init__(self, accelerator, student_class, ema_model=None):
+    def __init__(self, accelerator, student_class, ema_model=None, student_folder="unet"):
         self.accelerator = accelerator
         self.student_class = student_class
         self.ema_model = ema_model
+        self.student_folder = student_folder  # the family's denoiser folder: unet/ or transformer/
+        self.ema_folder = f"{student_folder}_ema"
 
     def register(self):
         self.accelerator.register_save_state_pre_hook(self.save_model_hook)
@@ -439,7 +442,7 @@ class StudentCheckpointHooks:
             # process calls it; only the main process writes.
             state_dict = self.accelerator.get_state_dict(model)
             if self.accelerator.is_main_process:
-                directory = os.path.join(output_dir, "unet")
+                directory = os.path.join(output_dir, self.student_folder)
                 self.accelerator.unwrap_model(model).save_config(directory)
                 save_file({key: value.contiguous() for key, value in state_dict.items()},
                           os.path.join(directory, "diffusion_pytorch_model.safetensors"))
@@ -447,7 +450,7 @@ class StudentCheckpointHooks:
             if self.ema_model.model_cls is None:  # LoRA: an EMA of the adapter parameters only
                 save_parameter_ema(self.ema_model, os.path.join(output_dir, PARAMETER_EMA_DIR))
             else:
-                self.ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
+                self.ema_model.save_pretrained(os.path.join(output_dir, self.ema_folder))
         # Accelerate must not also write its own copy of the weights.
         while weights:
             weights.pop()
@@ -459,7 +462,7 @@ class StudentCheckpointHooks:
         elif self.ema_model is not None:
             from diffusers.training_utils import EMAModel
 
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), self.student_class)
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, self.ema_folder), self.student_class)
             self.ema_model.load_state_dict(loaded.state_dict())
             self.ema_model.to(self.accelerator.device)
             del loaded
@@ -474,6 +477,6 @@ class StudentCheckpointHooks:
             if has_lora(model):
                 load_adapter_checkpoint(model, input_dir)
                 continue
-            loaded = self.student_class.from_pretrained(input_dir, subfolder="unet")
+            loaded = self.student_class.from_pretrained(input_dir, subfolder=self.student_folder)
             model.load_state_dict(loaded.state_dict())
             del loaded

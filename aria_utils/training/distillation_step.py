@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aria_utils.training.losses import DistillationLoss, FeatureRecorder, training_target
+from aria_utils.training.losses import DistillationLoss, FeatureRecorder
 from aria_utils.data.paired_data import PairedDataError
 
 LOGGED_TERMS = ("loss", "loss/task", "loss/kd_output", "loss/kd_feat", "random_fraction")
@@ -42,14 +42,14 @@ class StepResult:
 class DistillationStep:
     """Callable once per optimisation step; holds references to everything a step touches."""
 
-    def __init__(self, accelerator, student, teacher_unet, prompt_encoder, noise_scheduler, optimizer, lr_scheduler,
+    def __init__(self, accelerator, student, teacher_unet, prompt_encoder, noise, optimizer, lr_scheduler,
                  loss_fn, student_features, teacher_features, assemble_micro_batch, micro_batches, sampler,
                  conditioning, region_tracker=None, ema_student=None, ema_parameters=None,
                  gradient_accumulation_steps=1, max_grad_norm=1.0, weight_dtype=torch.float32, feature_projectors=None):
         self.accelerator = accelerator
         self.student, self.teacher_unet, self.prompt_encoder = student, teacher_unet, prompt_encoder
-        self.noise_scheduler = noise_scheduler
-        self.prediction_type = noise_scheduler.config.prediction_type
+        self.noise = noise  # the teacher's training noise (families/noise.py)
+        self.family = prompt_encoder.family
         self.optimizer, self.lr_scheduler, self.loss_fn = optimizer, lr_scheduler, loss_fn
         self.student_features, self.teacher_features = student_features, teacher_features
         self.assemble_micro_batch, self.micro_batches = assemble_micro_batch, micro_batches
@@ -88,25 +88,28 @@ class DistillationStep:
             batch = self.assemble_micro_batch(prepared, global_step, micro_step, region_probabilities,
                                               accelerator.device)
             prompts.extend(batch.conditions.prompts)
-            noisy_latents = self.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-            target = training_target(self.prediction_type, self.noise_scheduler, batch.latents, batch.noise,
-                                     batch.timesteps)
+            noisy_latents = self.noise.noisy_latents(batch.latents, batch.noise, batch.timesteps)
+            target = self.noise.target(batch.latents, batch.noise, batch.timesteps)
+            sample_weights = batch.conditions.sample_weights.to(accelerator.device)
+            noise_weights = self.noise.loss_weights(batch.timesteps)  # flow matching's sigma_sqrt / cosmap
+            if noise_weights is not None:
+                sample_weights = sample_weights * noise_weights.to(sample_weights.device)
             with accelerator.accumulate(*self.trained_models):
                 with torch.no_grad():
-                    # added_cond_kwargs: SDXL's pooled text embeddings and time ids (None for SD-1.x/2.x).
+                    # added_cond_kwargs: SDXL's pooled text embeddings and time ids, SD 3.x's pooled projections
+                    # (None for SD-1.x/2.x).
                     encoder_hidden_states, added_cond_kwargs = self.prompt_encoder.encode(batch.input_ids,
                                                                                           batch.time_ids)
-                    teacher_pred = self.teacher_unet(noisy_latents.to(self.weight_dtype), batch.timesteps,
-                                                     encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
-                student_pred = self.student(noisy_latents, batch.timesteps, encoder_hidden_states,
-                                            added_cond_kwargs=added_cond_kwargs).sample
+                    teacher_pred = self.family.denoise(self.teacher_unet, noisy_latents.to(self.weight_dtype),
+                                                       batch.timesteps, encoder_hidden_states, added_cond_kwargs)
+                student_pred = self.family.denoise(self.student, noisy_latents, batch.timesteps, encoder_hidden_states,
+                                                   added_cond_kwargs)
                 student_features = self.student_features.features()
                 if self.feature_projectors is not None:
                     student_features = self.feature_projectors(student_features)
                 losses = self.loss_fn(student_pred, teacher_pred, target, student_features,
                                       self.teacher_features.features(),
-                                      batch.conditions.is_paired.to(accelerator.device),
-                                      batch.conditions.sample_weights.to(accelerator.device))
+                                      batch.conditions.is_paired.to(accelerator.device), sample_weights)
                 self.student_features.clear()
                 self.teacher_features.clear()
                 accelerator.backward(losses.loss)
@@ -158,7 +161,7 @@ class DistillationStep:
             shutdown_workers()
 
 
-def build_distillation_step(accelerator, student, teacher_unet, prompt_encoder, noise_scheduler, optimizer,
+def build_distillation_step(accelerator, student, teacher_unet, prompt_encoder, noise, optimizer,
                             lr_scheduler, paired, caption_region_ids, corpus_prompts, sampler, region_tracker, max_train_steps,
                             batch, conditioning, loss_weights, max_grad_norm, start_step=0, ema_student=None,
                             ema_parameters=None, weight_dtype=torch.float32, default_time_ids=None,
@@ -166,29 +169,30 @@ def build_distillation_step(accelerator, student, teacher_unet, prompt_encoder, 
     """The step a run's configs describe (`batch`: BatchConfig, `conditioning`: ConditioningConfig,
     `loss_weights`: LossWeights), with its data pipeline positioned at `start_step`.
 
-    `student`, `optimizer` and `lr_scheduler` are the prepared ones. The feature hooks sit on the
+    `noise` is the teacher's training noise (`families/noise.py`); `student`, `optimizer` and `lr_scheduler` are
+    the prepared ones. The feature hooks sit on the
     unwrapped modules; call `step.close()` to remove them. `default_time_ids` are the micro-conditioning
     of latents whose paired set stores none (families that take image sizes, e.g. SDXL);
     `feature_projectors` (prepared) map a narrower student's features to the teacher's widths.
     """
     from aria_utils.data.step_batches import ConditionAssembler, PairedMicroBatches, micro_batch_loader
-    from aria_utils.families.unet_students import feature_layer_pairs
-
-    feature_pairs = feature_layer_pairs(accelerator.unwrap_model(student), teacher_unet)
-    student_features = FeatureRecorder(accelerator.unwrap_model(student), [pair[0] for pair in feature_pairs])
-    teacher_features = FeatureRecorder(teacher_unet, [pair[1] for pair in feature_pairs])
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    family = prompt_encoder.family
+    feature_pairs = family.feature_layer_pairs(accelerator.unwrap_model(student), teacher_unet)
+    student_features = FeatureRecorder(accelerator.unwrap_model(student), [pair[0] for pair in feature_pairs],
+                                       family.feature_output)
+    teacher_features = FeatureRecorder(teacher_unet, [pair[1] for pair in feature_pairs], family.feature_output)
+    num_train_timesteps = noise.num_train_timesteps
     accumulation = batch.gradient_accumulation_steps
     micro_batches = PairedMicroBatches(
         paired, batch.per_device, accumulation, accelerator.process_index, accelerator.num_processes, batch.seed,
-        num_train_timesteps, caption_region_ids, max_train_steps * accumulation, default_time_ids=default_time_ids)
+        noise, caption_region_ids, max_train_steps * accumulation, default_time_ids=default_time_ids)
     micro_batch_iterator = iter(micro_batch_loader(
         micro_batches, start_step * accumulation, num_workers=batch.num_workers,
         pin_memory=accelerator.device.type == "cuda"))
     assemble_micro_batch = ConditionAssembler(conditioning, sampler, corpus_prompts, prompt_encoder, batch.seed,
                                               accelerator.process_index, num_train_timesteps)
     return DistillationStep(
-        accelerator, student, teacher_unet, prompt_encoder, noise_scheduler, optimizer, lr_scheduler,
+        accelerator, student, teacher_unet, prompt_encoder, noise, optimizer, lr_scheduler,
         DistillationLoss(loss_weights.task, loss_weights.kd_output, loss_weights.kd_feat), student_features,
         teacher_features, assemble_micro_batch, micro_batch_iterator, sampler, conditioning,
         region_tracker=region_tracker, ema_student=ema_student, ema_parameters=ema_parameters,

@@ -18,17 +18,6 @@ def per_sample_mse(prediction, target):
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
-def training_target(prediction_type, scheduler, latents, noise, timesteps):
-    """What the teacher (and so the student) predicts: the noise, the velocity, or the clean latent (x0)."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if prediction_type == "sample":
-        return latents
-    raise ValueError(f"Unsupported prediction type {prediction_type!r}; use an epsilon, v_prediction or sample teacher.")
-
-
 @dataclass
 class DistillationLossOutput:
     loss: torch.Tensor  # the scalar to backpropagate
@@ -79,8 +68,9 @@ class FeatureRecorder:
     whether or not the model is later wrapped by DDP / FSDP (which forward into the same modules).
     """
 
-    def __init__(self, model, module_names):
+    def __init__(self, model, module_names, select_output=None):
         self.module_names = list(module_names)
+        self._select_output = select_output
         self._outputs = {}
         self._handles = [
             model.get_submodule(name).register_forward_hook(self._make_hook(name)) for name in self.module_names
@@ -88,7 +78,9 @@ class FeatureRecorder:
 
     def _make_hook(self, name):
         def hook(module, inputs, output):
-            if isinstance(output, (tuple, list)):
+            if self._select_output is not None:  # the model family's choice (e.g. one stream of a joint block)
+                output = self._select_output(output)
+            elif isinstance(output, (tuple, list)):
                 output = output[0]
             elif hasattr(output, "sample"):
                 output = output.sample

@@ -30,8 +30,8 @@ LOCK_FILE = ".aria-distill.lock"
 BROKEN_PIPE_LOG = "output-after-broken-pipe.log"
 # What a finished (or checkpointed) run leaves in OUTPUT_DIR besides checkpoints; caches keyed by
 # fingerprints (regions/, latent_cache/, teacher_diffusers/) are not a run's work and are kept.
-RUN_OUTPUTS = ("model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
-               "scheduler", "feature_extractor", "safety_checker", "pytorch_lora_weights.safetensors", "README.md",
+RUN_OUTPUTS = ("model_index.json", "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+               "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "feature_extractor", "safety_checker", "pytorch_lora_weights.safetensors", "README.md",
                "training_args.json", "train_summary.json", "aria_regions.json", "aria_regions.png", "validation",
                "eval", "process_states", BROKEN_PIPE_LOG)
 # What a diffusers pipeline folder holds: a folder with these that is not ours belongs to someone else.

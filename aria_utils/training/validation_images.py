@@ -12,13 +12,14 @@ from aria_utils.training.preemption import stop_when_preempted
 
 
 @torch.no_grad()
-def generate_images(pipeline, prompts, seed, num_inference_steps, guidance_scale, resolution, device):
+def generate_images(pipeline, prompts, seed, num_inference_steps, guidance_scale, resolution, device,
+                    **call_kwargs):
     images = []
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device=device).manual_seed(seed + index)
         output = pipeline(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           height=resolution, width=resolution, generator=generator, output_type="np",
-                          callback_on_step_end=stop_when_preempted)
+                          callback_on_step_end=stop_when_preempted, **call_kwargs)
         images.append(output.images[0])
     return np.stack(images)
 
@@ -63,15 +64,12 @@ class Validator:
 
     def __init__(self, prompts, teacher_unet, vae, prompt_encoder, scheduler, resolution, seed,
                  num_inference_steps, guidance_scale, output_dir, device, region_names=None):
-        from diffusers import DDIMScheduler
-
         self.prompts = list(prompts)
         # Above each column: the prompt, its region (when regions exist) and the seed of its image.
         self.column_labels = [
             f"{prompt}\n" + (f"region {region_names[index]}; " if region_names else "") + f"seed {seed + index}"
             for index, prompt in enumerate(self.prompts)]
-        # DDIM with few steps: the training scheduler (DDPM) needs ~1000 steps to give images.
-        self.scheduler = DDIMScheduler.from_config(scheduler.config)
+        self.training_scheduler_config = scheduler.config
         self.vae, self.prompt_encoder = vae, prompt_encoder
         self.teacher_unet = teacher_unet
         self.resolution = resolution
@@ -83,9 +81,12 @@ class Validator:
         self._teacher_images = None
 
     def _generate(self, unet):
-        pipeline = self.prompt_encoder.family.build_pipeline(unet, self.vae, self.prompt_encoder, self.scheduler)
+        family = self.prompt_encoder.family
+        # The family's few-step sampler (DDIM for the UNet families): DDPM needs ~1000 steps to give images.
+        scheduler = family.sampling_scheduler(self.training_scheduler_config)
+        pipeline = family.build_pipeline(unet, self.vae, self.prompt_encoder, scheduler)
         return generate_images(pipeline, self.prompts, self.seed, self.num_inference_steps, self.guidance_scale,
-                               self.resolution, self.device)
+                               self.resolution, self.device, **self.prompt_encoder.pipeline_call_kwargs())
 
     def run(self, student_unet, step, trackers=()):
         """Generate, save `validation/step-<step>.png`, log to the trackers; return the grid array."""

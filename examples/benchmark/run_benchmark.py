@@ -204,7 +204,6 @@ def train_student(initial_student, teacher, data, args, steps, evaluate=None, ev
     """`steps` optimisation steps of the training script's step; the evaluation curve and the run's costs."""
     from diffusers.optimization import get_scheduler
 
-    from aria_utils.families.unet_students import feature_layer_pairs, needs_feature_projection
     from aria_utils.method.region_tracker import RegionTracker
     from aria_utils.training.distillation_step import build_distillation_step, build_optimizer
     from aria_utils.training.feature_projectors import FeatureProjectors
@@ -216,10 +215,11 @@ def train_student(initial_student, teacher, data, args, steps, evaluate=None, ev
     student = copy.deepcopy(initial_student)
     student.train()
     projectors = None
-    if needs_feature_projection(student, teacher.unet):  # a channel-reduced student: projections, as in the script
+    family = teacher.family
+    if family.needs_feature_projection(student, teacher.unet):  # a channel-reduced student: projections, as in the script
         with torch.random.fork_rng():
             torch.manual_seed(args.seed)
-            projectors = FeatureProjectors(student, teacher.unet, feature_layer_pairs(student, teacher.unet))
+            projectors = FeatureProjectors(student, teacher.unet, family.feature_layer_pairs(student, teacher.unet))
     parameters = trainable_parameters(student) + (list(projectors.parameters()) if projectors is not None else [])
     optimizer = build_optimizer(configs.optimizer, parameters, args.train_batch_size)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -232,7 +232,7 @@ def train_student(initial_student, teacher, data, args, steps, evaluate=None, ev
     tracker = RegionTracker.from_config(configs.region_tracker, data["sampler"],
                                         teacher.noise_scheduler.config.num_train_timesteps)
     step = build_distillation_step(
-        accelerator, student, teacher.unet, teacher.prompt_encoder(), teacher.noise_scheduler,
+        accelerator, student, teacher.unet, teacher.prompt_encoder(), family.training_noise(teacher.noise_scheduler),
         optimizer, lr_scheduler, data["paired"], data["caption_region_ids"], data["corpus"].prompts,
         data["sampler"], tracker, steps, configs.batch, configs.conditioning, configs.loss_weights,
         configs.optimizer.max_grad_norm, feature_projectors=projectors)
