@@ -65,4 +65,6 @@ pipe.set_progress_bar_config(disable=True)  # four steps; the line below says wh
 image = pipe("a violin on a stage", num_inference_steps=4, generator=torch.manual_seed(0)).images[0]
 image.save(f"{folder}/demo_sample.png")
 print(f"{pipeline_name} student at {folder} loads and generates: {folder}/demo_sample.png")
+print(f"Results: {folder}/README.md (model card: regions, speed and size), {folder}/validation/ (teacher-over-student "
+      f"images), {folder}/aria_regions.png (discrepancy per region), {folder}/train_summary.json")
 PYEOF
