@@ -126,11 +126,13 @@ def main(argv=None):
 
 
 def config_table(report, denoiser_description="UNet"):
+    from aria_utils.evaluation.speed import macs_text
+
     teacher, student, ratio = report["teacher"], report["student"], report["student_vs_teacher"]
 
     def row(name, costs):
-        return (f"| {name} | {costs['parameters'] / 1e6:,.1f}M | {costs['macs'] / 1e9:,.1f}G | "
-                f"{costs['macs_without_attention_products'] / 1e9:,.1f}G |")
+        return (f"| {name} | {costs['parameters'] / 1e6:,.1f}M | {macs_text(costs['macs'])} | "
+                f"{macs_text(costs['macs_without_attention_products'])} |")
 
     return "\n".join([
         f"| | {denoiser_description} parameters | MACs per forward | without attention products (as BK-SDM) |",

@@ -165,13 +165,18 @@ def speed_report(family, teacher, student, vae, prompt_encoder, scheduler_config
     return report
 
 
+def macs_text(macs):
+    """G below a trillion and M below a billion (the tiny test models), so no count shows as 0.0."""
+    return f"{macs / 1e9:,.1f}G" if macs >= 1e9 else f"{macs / 1e6:,.1f}M"
+
+
 def speed_table(report, denoiser_description="UNet"):
     """Markdown: the teacher's and student's sizes and times, and the student's ratios."""
     teacher, student, ratio = report["teacher"], report["student"], report["student_vs_teacher"]
 
     def row(name, costs):
-        return (f"| {name} | {costs['parameters'] / 1e6:,.1f}M | {costs['macs'] / 1e9:,.1f}G "
-                f"({costs['macs_without_attention_products'] / 1e9:,.1f}G) | "
+        return (f"| {name} | {costs['parameters'] / 1e6:,.1f}M | {macs_text(costs['macs'])} "
+                f"({macs_text(costs['macs_without_attention_products'])}) | "
                 f"{costs['forward_seconds_batch_1'] * 1e3:,.1f} ms | {costs['forward_seconds_batch_2'] * 1e3:,.1f} ms | "
                 f"{costs['generation_seconds']:,.2f} s |")
 
@@ -187,7 +192,7 @@ def speed_table(report, denoiser_description="UNet"):
         f"| {ratio['speedup_generation_seconds']:.2f}x faster |",
         "",
         f"Measured on {report['device']}, {report['dtype']}, attention: {report['attention']}; "
-        f"{report['resolution']} px; forwards: median of {report['repeats']} runs after {report['warmup']} warm-up runs, "
-        f"generations: median of {max(1, report['repeats'] // 2)} after {min(1, report['warmup'])}; "
+        f"{report['resolution']} px; forwards: median of {report['repeats']} timed runs after {report['warmup']} "
+        f"warm-up, generations: median of {max(1, report['repeats'] // 2)} after {min(1, report['warmup'])}; "
         "MACs counted by torch.utils.flop_counter at batch 1.",
     ])
