@@ -1,5 +1,6 @@
 """The README's promises that can be checked mechanically."""
 
+import json
 import os
 import re
 import subprocess
@@ -49,15 +50,17 @@ def test_demo_command_runs_end_to_end(tmp_path, family, assets):
     """README command 1, shortened (and its --sdxl form): every stage runs offline and the student pipeline
     loads and generates."""
     output = tmp_path / "demo"
-    # Fewer and shorter teacher generations than the demo's 256 x 10 steps: every stage still runs. The region
-    # index of the built-in corpus comes from the session's cache (its corpus is the same) instead of being embedded
-    # again.
+    # Fewer and shorter teacher generations than the demo's 256 x 10 steps, one timed run in the speed report:
+    # every stage still runs. The region index of the built-in corpus comes from the session's cache (its corpus
+    # is the same) instead of being embedded again.
     result = run(["bash", os.path.join(REPO_ROOT, "examples", "demo.sh"), *(["--sdxl"] if family == "sdxl" else []),
                   str(output), "--max_train_steps", "6", "--validation_steps", "3", "--checkpointing_steps", "3",
-                  "--region_cache_dir", assets["region_cache"]],
+                  "--region_cache_dir", assets["region_cache"], "--speed_report_repeats", "1"],
                  env={"ARIA_DEMO_NUM_PROMPTS": "64", "ARIA_DEMO_INFERENCE_STEPS": "2"})
     pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
     assert f"{pipeline} student at {output / 'student'} loads and generates" in result.stdout
     assert (output / "student" / "aria_regions.json").is_file()
     assert (output / "student" / "demo_sample.png").is_file()
     assert (output / "student" / "validation" / "step-6.png").is_file()
+    assert "speed" in json.load(open(output / "student" / "train_summary.json"))
+    assert f"Results: {output / 'student'}/README.md" in result.stdout
