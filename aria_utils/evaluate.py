@@ -199,16 +199,10 @@ def unet_source(path, teacher_path):
     return base, own_folder(base)
 
 
-def _denoiser_class(config):
-    from aria_utils.families import family_of_config
-
-    return family_of_config(config).denoiser_class()
-
-
 def load_student_unet(path, teacher_path=None):
     """A student denoiser from a pipeline / denoiser folder or hub id, or a LoRA folder fused onto its base."""
     from aria_utils.training.lora import LORA_WEIGHT_NAME
-    from aria_utils.families import family_of_pipeline
+    from aria_utils.families import family_of_config, family_of_pipeline
 
     base, subfolder = unet_source(path, teacher_path)
     if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
@@ -219,7 +213,8 @@ def load_student_unet(path, teacher_path=None):
         pipeline.fuse_lora()
         pipeline.unload_lora_weights()
         return getattr(pipeline, family.denoiser_folder)
-    return _denoiser_class(unet_config(path, teacher_path)).from_pretrained(base, subfolder=subfolder)
+    denoiser_class = family_of_config(unet_config(path, teacher_path)).denoiser_class()
+    return denoiser_class.from_pretrained(base, subfolder=subfolder)
 
 
 def versions():
@@ -247,11 +242,10 @@ def unet_config(path, teacher_path):
 
 def unet_parameter_count(config):
     """Parameters of a denoiser, from its config on the meta device (nothing is loaded)."""
-    from accelerate import init_empty_weights
+    from aria_utils.evaluation.speed import count_parameters
+    from aria_utils.families import denoiser_on_meta_device
 
-    with init_empty_weights():
-        model = _denoiser_class(config).from_config(config)
-    return sum(parameter.numel() for parameter in model.parameters())
+    return count_parameters(denoiser_on_meta_device(config))
 
 
 def sample_prompt_indices(region_ids, per_region):

@@ -56,15 +56,12 @@ def _cuda_available():
 
 def config_report(family, teacher_config, student_config, vae_config, resolution, text_tokens=None):
     """Parameters and MACs of teacher and student from their configs (meta device), with the student's ratios."""
-    import torch
-
     from aria_utils.evaluation.speed import count_parameters, macs_from_config
+    from aria_utils.families import denoiser_on_meta_device
 
     report = {"resolution": resolution}
     for name, config in (("teacher", teacher_config), ("student", student_config)):
-        with torch.device("meta"):
-            parameters = count_parameters(family.denoiser_class().from_config(config))
-        report[name] = {"parameters": parameters,
+        report[name] = {"parameters": count_parameters(denoiser_on_meta_device(config, family)),
                         **macs_from_config(family, config, resolution, vae_config, text_tokens)}
     report["student_vs_teacher"] = {key: report["student"][key] / report["teacher"][key]
                                     for key in ("parameters", "macs", "macs_without_attention_products")}

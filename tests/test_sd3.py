@@ -27,11 +27,10 @@ TRANSFORMER_WEIGHTS = os.path.join("transformer", "diffusion_pytorch_model.safet
 
 
 def meta_transformer(config):
-    """Built on the meta device, buffers too: SD 3.5 Medium's position table alone is 226M numbers."""
-    from diffusers import SD3Transformer2DModel
+    from aria_utils.families import denoiser_on_meta_device
+    from aria_utils.families.sd3 import STABLE_DIFFUSION_3
 
-    with torch.device("meta"):
-        return SD3Transformer2DModel.from_config(config)
+    return denoiser_on_meta_device(config, STABLE_DIFFUSION_3)
 
 
 def count(model):

@@ -33,8 +33,7 @@ def example_forward_inputs(family, denoiser_config, resolution, vae_config, batc
     latent_size = resolution // vae_scale_factor(vae_config)
     channels = denoiser_config["in_channels"]
     latents = torch.zeros(batch_size, channels, latent_size, latent_size, device=device, dtype=dtype)
-    timesteps = torch.full((batch_size,), 500, device=device,
-                           dtype=torch.float32 if family.flow_matching else torch.long)
+    timesteps = torch.full((batch_size,), 500, device=device, dtype=family.noise_class().timestep_dtype)
     states, added = family.example_conditioning(denoiser_config, batch_size, device, dtype, text_tokens)
     return latents, timesteps, states, added
 
@@ -61,10 +60,11 @@ def macs_from_config(family, denoiser_config, resolution, vae_config, text_token
 
     Returns {"macs": all of them, "macs_without_attention_products": without Q K^T and A V, as module-based
     counters (BK-SDM's table) count}."""
-    with torch.device("meta"):
-        model = family.denoiser_class().from_config(denoiser_config)
-        inputs = example_forward_inputs(family, denoiser_config, resolution, vae_config, 1, "meta", torch.float32,
-                                        text_tokens)
+    from aria_utils.families import denoiser_on_meta_device
+
+    model = denoiser_on_meta_device(denoiser_config, family)
+    inputs = example_forward_inputs(family, denoiser_config, resolution, vae_config, 1, "meta", torch.float32,
+                                    text_tokens)
     total, attention = count_macs(family, model, inputs)
     return {"macs": total, "macs_without_attention_products": total - attention}
 

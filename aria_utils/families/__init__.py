@@ -17,7 +17,8 @@ FAMILIES = (STABLE_DIFFUSION_3, STABLE_DIFFUSION_XL, STABLE_DIFFUSION)
 DENOISER_FOLDERS = ("transformer", "unet")
 
 __all__ = ["DENOISER_FOLDERS", "FAMILIES", "FrozenTeacher", "ModelFamily", "denoiser_config_of_pipeline",
-           "family_of_config", "family_of_pipeline", "family_of_single_file", "load_denoiser_config",
+           "denoiser_on_meta_device", "family_of_config", "family_of_pipeline", "family_of_single_file",
+           "load_denoiser_config",
            "load_frozen_teacher", "vae_scale_factor"]
 
 
@@ -28,6 +29,17 @@ def family_of_config(denoiser_config):
             return family
     raise ValueError("This denoiser config belongs to no model family this project knows "
                      f"({', '.join(family.name for family in FAMILIES)}).")
+
+
+def denoiser_on_meta_device(denoiser_config, family=None):
+    """The denoiser of this config built on the meta device, buffers included: sizes and MACs of full-size models
+    without their memory (SD 3.5 Medium's position table alone is 226M numbers). `family`: the config's, when
+    known (a derived student config carries no class name)."""
+    import torch
+
+    family = family or family_of_config(denoiser_config)
+    with torch.device("meta"):
+        return family.denoiser_class().from_config(denoiser_config)
 
 
 def load_denoiser_config(path, subfolder=None, revision=None, cache_dir=None):

@@ -54,6 +54,9 @@ class ModelFamily:
     card_tags = ()  # Hub tags beyond the project's own
     missing_folders_message = ""  # the start of the error when required_folders() are missing
     student_variants = ()  # --student_config values this family's teachers can have
+    denoiser_class_name = "UNet2DConditionModel"  # diffusers classes, by name (imported when asked for)
+    scheduler_class_name = "DDPMScheduler"  # what the teacher was trained with; its scheduler/ config is read as it
+    sampling_scheduler_class_name = "DDIMScheduler"  # a deterministic few-step sampler for validation and evaluation
     flow_matching = False  # trained with flow matching (--weighting_scheme and its parameters apply)
     takes_max_sequence_length = False  # has a T5 encoder whose prompt length --max_sequence_length sets
     denoiser_folder = "unet"  # the denoiser's subfolder in a pipeline folder, and its pipeline argument
@@ -78,27 +81,31 @@ class ModelFamily:
 
     # ----- the denoiser and its noise ---------------------------------------------------------------
     def denoiser_class(self):
-        from diffusers import UNet2DConditionModel
+        import diffusers
 
-        return UNet2DConditionModel
+        return getattr(diffusers, self.denoiser_class_name)
 
     def scheduler_class(self):
-        """The scheduler the teacher was trained with (its scheduler/ config, read as this class)."""
-        from diffusers import DDPMScheduler
+        import diffusers
 
-        return DDPMScheduler
+        return getattr(diffusers, self.scheduler_class_name)
 
     def sampling_scheduler(self, scheduler_config):
-        """A deterministic sampler for evaluation samples: DDIM for the UNet families."""
-        from diffusers import DDIMScheduler
+        import diffusers
 
-        return DDIMScheduler.from_config(scheduler_config)
+        return getattr(diffusers, self.sampling_scheduler_class_name).from_config(scheduler_config)
+
+    def noise_class(self):
+        """The teacher's training noise (`noise.py`): flow matching, or DDPM's discrete timesteps."""
+        from aria_utils.families.noise import DiscreteNoise, FlowMatchingNoise
+
+        return FlowMatchingNoise if self.flow_matching else DiscreteNoise
 
     def training_noise(self, scheduler, flow_matching_sampling=None):
-        """The teacher's training noise (`noise.py`); `flow_matching_sampling` is for flow-matching families."""
-        from aria_utils.families.noise import DiscreteNoise
-
-        return DiscreteNoise(scheduler)
+        """The noise object for `scheduler`; `flow_matching_sampling` is read by flow-matching families only."""
+        if self.flow_matching:
+            return self.noise_class()(scheduler, flow_matching_sampling)
+        return self.noise_class()(scheduler)
 
     def scheduler_problem(self, scheduler_config):
         """Why this script cannot train against a teacher with this scheduler config (None: it can)."""
@@ -173,6 +180,8 @@ class ModelFamily:
 
     def prompt_encoder(self, tokenizers, text_encoders, max_sequence_length=None):
         """`max_sequence_length`: the T5 prompt length of families with a T5 encoder (ignored by the others)."""
+        if self.takes_max_sequence_length:
+            return self.prompt_encoder_class(self, tokenizers, text_encoders, max_sequence_length)
         return self.prompt_encoder_class(self, tokenizers, text_encoders)
 
     # ----- generation and export --------------------------------------------------------------------
@@ -228,11 +237,11 @@ class ModelFamily:
 
     @staticmethod
     def feature_output(output):
-        """The tensor feature KD compares, from a hooked module's output (a UNet block returns a tuple or an
-        output object whose first entry is the feature map)."""
-        if isinstance(output, (tuple, list)):
-            return output[0]
-        return getattr(output, "sample", output)
+        """The tensor feature KD compares, from a hooked module's output (`losses.block_output`: a UNet block's
+        first output)."""
+        from aria_utils.training.losses import block_output
+
+        return block_output(output)
 
     def feature_layer_pairs(self, student, teacher):
         """(student module, teacher module) names whose outputs feature KD compares."""

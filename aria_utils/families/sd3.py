@@ -28,7 +28,6 @@ import torch
 from aria_utils.families.base import ModelFamily, PromptEncoderBase, check_encoder_count
 from aria_utils.families.unet_students import kept_transformer_blocks
 
-DENOISER_CLASS_NAME = "SD3Transformer2DModel"
 # Only MMDiT checkpoints (SD 3.x) name their blocks so in the original single-file layout.
 SINGLE_FILE_KEY_MARKER = "diffusion_model.joint_blocks."
 # variant -> the fraction of the teacher's joint blocks kept
@@ -127,6 +126,9 @@ class StableDiffusion3(ModelFamily):
     missing_folders_message = "an SD 3.x teacher needs its three text encoders (two CLIP, one T5)"
     prompt_encoder_class = StableDiffusion3PromptEncoder
     student_variants = tuple(DEPTH_VARIANTS)
+    denoiser_class_name = "SD3Transformer2DModel"
+    scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
+    sampling_scheduler_class_name = "FlowMatchEulerDiscreteScheduler"  # its Euler sampler is already deterministic
     flow_matching = True
     takes_max_sequence_length = True
     denoiser_folder = "transformer"
@@ -136,36 +138,15 @@ class StableDiffusion3(ModelFamily):
                            "to_add_out")
 
     def recognises(self, denoiser_config):
-        return dict(denoiser_config).get("_class_name") == DENOISER_CLASS_NAME
+        return dict(denoiser_config).get("_class_name") == self.denoiser_class_name
 
     def recognises_single_file(self, tensor_names):
         return any(SINGLE_FILE_KEY_MARKER in name for name in tensor_names)
 
-    def denoiser_class(self):
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel
-
-    def scheduler_class(self):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler
-
-    def sampling_scheduler(self, scheduler_config):
-        # The flow-matching Euler sampler is already deterministic.
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-
-    def training_noise(self, scheduler, flow_matching_sampling=None):
-        from aria_utils.families.noise import FlowMatchingNoise
-
-        return FlowMatchingNoise(scheduler, flow_matching_sampling)
-
     def scheduler_problem(self, scheduler_config):
-        if scheduler_config.get("_class_name") not in (None, "FlowMatchEulerDiscreteScheduler"):
+        if scheduler_config.get("_class_name") not in (None, self.scheduler_class_name):
             return (f"an SD 3.x teacher is trained with flow matching, but its scheduler/ is "
-                    f"{scheduler_config.get('_class_name')}; use the checkpoint's FlowMatchEulerDiscreteScheduler.")
+                    f"{scheduler_config.get('_class_name')}; use the checkpoint's {self.scheduler_class_name}.")
         return None
 
     text_tokens = 77 + DEFAULT_MAX_SEQUENCE_LENGTH  # CLIP's 77, then the T5 tokens
@@ -179,9 +160,6 @@ class StableDiffusion3(ModelFamily):
     def denoise(self, model, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs):
         return model(hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=encoder_hidden_states,
                      pooled_projections=added_cond_kwargs["pooled_projections"], return_dict=False)[0]
-
-    def prompt_encoder(self, tokenizers, text_encoders, max_sequence_length=None):
-        return StableDiffusion3PromptEncoder(self, tokenizers, text_encoders, max_sequence_length)
 
     def pipeline_class(self):
         from diffusers import StableDiffusion3Pipeline

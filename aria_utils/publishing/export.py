@@ -3,13 +3,13 @@
 from aria_utils.families import family_of_pipeline
 
 
-def save_student_pipeline(student_unet, teacher_name_or_path, output_dir, load_kwargs=None):
+def save_student_pipeline(student_unet, teacher_name_or_path, output_dir, load_kwargs=None, family=None):
     """Teacher's text encoder(s), VAE, tokenizer(s) and scheduler + the student denoiser, in safetensors.
 
     The pipeline class of the teacher's family (e.g. `StableDiffusionPipeline`, `StableDiffusion3Pipeline`)
-    loads it like any checkpoint of that family.
+    loads it like any checkpoint of that family. `family`: the teacher's, when the caller has it.
     """
-    family = family_of_pipeline(teacher_name_or_path, **(load_kwargs or {}))
+    family = family or family_of_pipeline(teacher_name_or_path, **(load_kwargs or {}))
     cls, extra = family.pipeline_class()
     pipeline = cls.from_pretrained(teacher_name_or_path, **{family.denoiser_folder: student_unet}, **extra,
                                    **(load_kwargs or {}))
@@ -26,7 +26,7 @@ def save_lora_student(trained_student, base_student, teacher_name_or_path, outpu
 
     family = family_of_pipeline(teacher_name_or_path, **(load_kwargs or {}))
     lora_layers = family.lora_layers(trained_student)
-    pipeline = save_student_pipeline(base_student, teacher_name_or_path, output_dir, load_kwargs)
+    pipeline = save_student_pipeline(base_student, teacher_name_or_path, output_dir, load_kwargs, family)
     # The pipeline's LoRA loader names the denoiser's layers after it: unet_lora_layers / transformer_lora_layers.
     type(pipeline).save_lora_weights(output_dir, **{f"{family.denoiser_folder}_lora_layers": lora_layers},
                                       weight_name=LORA_WEIGHT_NAME, safe_serialization=True)

@@ -61,6 +61,14 @@ class DistillationLoss:
         )
 
 
+def block_output(output):
+    """The feature map in a hooked module's output: a tuple's first entry, an output object's `sample`, or the
+    tensor itself (UNet blocks and layers)."""
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return getattr(output, "sample", output)
+
+
 class FeatureRecorder:
     """Forward hooks that keep the outputs of named submodules during one forward pass.
 
@@ -68,7 +76,9 @@ class FeatureRecorder:
     whether or not the model is later wrapped by DDP / FSDP (which forward into the same modules).
     """
 
-    def __init__(self, model, module_names, select_output=None):
+    def __init__(self, model, module_names, select_output=block_output):
+        """`select_output`: the tensor to keep from a hooked module's output (the model family's choice, e.g. one
+        stream of a joint transformer block)."""
         self.module_names = list(module_names)
         self._select_output = select_output
         self._outputs = {}
@@ -78,13 +88,7 @@ class FeatureRecorder:
 
     def _make_hook(self, name):
         def hook(module, inputs, output):
-            if self._select_output is not None:  # the model family's choice (e.g. one stream of a joint block)
-                output = self._select_output(output)
-            elif isinstance(output, (tuple, list)):
-                output = output[0]
-            elif hasattr(output, "sample"):
-                output = output.sample
-            self._outputs[name] = output
+            self._outputs[name] = self._select_output(output)
 
         return hook
 
